@@ -1,0 +1,295 @@
+"""The agent's settings: one validated value built from flags, environment, a TOML file, defaults.
+
+Layer: configuration, at the edge of the imperative shell. The CLI calls `load_settings` once and
+hands the resulting `AgentSettings` to everything else; no other module reads the environment or
+the config file. Any problem becomes a `ConfigError` with one readable line per field, and the CLI
+exits with `EXIT_BAD_CONFIG` so that systemd's `RestartPreventExitStatus=` stops a crash loop.
+
+Precedence, highest first: flags (`load_settings(**overrides)`), environment (`GPU_AGENT_*`), the
+TOML file, defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
+
+from gpu_agent.errors import ConfigError
+
+EXIT_BAD_CONFIG = 78
+"""Exit status for invalid settings (sysexits.h EX_CONFIG); the unit file must not restart on it."""
+
+ENV_PREFIX = "GPU_AGENT_"
+
+_MIB = 1024 * 1024
+_GIB = 1024 * _MIB
+# Fields whose values must never be echoed back in an error message.
+_SECRET_FIELDS = frozenset({"token"})
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _default_comfyui_client_id() -> str:
+    # Derived from the hostname rather than random, so a restarted agent reattaches to the
+    # ComfyUI websocket under the same client id and keeps receiving its own prompts' events.
+    return f"gpu-agent-{socket.gethostname()}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent can be configured with; immutable once built.
+
+    Construct it through `load_settings` to get the TOML layer and `ConfigError`s; constructing it
+    directly reads only keyword arguments, the environment and defaults.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # An empty `GPU_AGENT_TOKEN=` left in an env file means "not set", not "empty token".
+        env_ignore_empty=True,
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
+        validate_default=True,
+    )
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address the API binds to.")
+    port: int = Field(
+        default=8765, ge=0, le=65535, description="TCP port the API binds to (0: any free port)."
+    )
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token the API requires; required off loopback."
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the bearer token (read once, stripped)."
+    )
+    ollama_url: str = Field(default="http://127.0.0.1:11434", description="Ollama base URL.")
+    comfyui_url: str = Field(default="http://127.0.0.1:8188", description="ComfyUI base URL.")
+    comfyui_client_id: str = Field(
+        default_factory=_default_comfyui_client_id,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="ComfyUI websocket client id; stable across restarts.",
+    )
+    sample_interval_s: float = Field(
+        default=1.0, ge=0.05, le=60.0, description="Seconds between GPU telemetry samples."
+    )
+    stale_after_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        le=3600.0,
+        description="Telemetry older than this stops the systemd watchdog pings.",
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0, description="Timeout of one ordinary HTTP request."
+    )
+    load_timeout_s: float = Field(
+        default=300.0, gt=0.0, le=3600.0, description="Longest wait for a model to load."
+    )
+    unload_timeout_s: float = Field(
+        default=15.0, gt=0.0, le=600.0, description="Longest wait for a confirmed unload."
+    )
+    free_timeout_s: float = Field(
+        default=120.0, gt=0.0, le=3600.0, description="Longest wait for GPU memory to free."
+    )
+    max_body_bytes: int = Field(
+        default=8 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
+    )
+    data_dir: Path = Field(
+        default=Path("/var/lib/gpu-agent"), description="Writable state directory."
+    )
+    simulate: bool = Field(default=False, description="Run against the simulated desktop.")
+    sim_speed: float = Field(
+        default=1.0, gt=0.0, le=10_000.0, description="Simulated seconds per real second."
+    )
+    log_level: LogLevel = Field(default="INFO", description="Root log level.")
+
+    _file_token: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _strip_host(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            # "[::1]" is URL notation; the socket layer wants the bare address.
+            if value.startswith("[") and value.endswith("]"):
+                value = value[1:-1]
+        return value
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _strip_token(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise ValueError("is empty; remove it, or set a token (openssl rand -hex 32)")
+        return value
+
+    @field_validator("ollama_url", "comfyui_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - property access validates the port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL without query or fragment")
+        # Trailing slash stripped so callers can always join with "/api/...".
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_together(self) -> AgentSettings:
+        # Each problem is one line starting with the field it is about; see `_describe`.
+        problems: list[str] = []
+        if self.token is not None and self.token_file is not None:
+            problems.append("token_file: cannot be combined with token; set only one of them")
+        elif self.token_file is not None:
+            try:
+                self._file_token = _read_token_file(self.token_file)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if self.stale_after_s <= self.sample_interval_s:
+            problems.append(
+                f"stale_after_s: must be greater than sample_interval_s "
+                f"({self.stale_after_s} <= {self.sample_interval_s}), or the watchdog never pings"
+            )
+        if not problems and self.effective_token() is None and not is_loopback_host(self.host):
+            problems.append(
+                f"token: required when host {self.host!r} is not a loopback address, because "
+                f"anyone who can reach the port could control the GPU; set token or token_file, "
+                f"or bind host to 127.0.0.1"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def effective_token(self) -> str | None:
+        """The token the API must require: `token`, else `token_file`'s content, else None."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self._file_token is not None:
+            return self._file_token.get_secret_value()
+        return None
+
+
+def _read_token_file(path: Path) -> SecretStr:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"token_file: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"token_file: cannot read {path} ({exc.strerror or exc})") from None
+    if not text:
+        raise ValueError(f"token_file: {path} is empty")
+    return SecretStr(text)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Build the settings from flags > environment (`GPU_AGENT_*`) > TOML file > defaults.
+
+    `overrides` are the command-line flags by field name; None means "flag not given". Raises
+    `ConfigError` for a missing or unparsable file, an unknown key in it, or any invalid value,
+    with one line per field naming it, the problem and where the value came from.
+    """
+    file_values = _read_config_file(config_file) if config_file is not None else {}
+    try:
+        env_values = EnvSettingsSource(AgentSettings)()
+    except SettingsError as exc:
+        raise ConfigError(f"environment: {exc}") from exc
+    flag_values = {key: value for key, value in overrides.items() if value is not None}
+
+    origins: dict[str, str] = {}
+    origins.update({key: str(config_file) for key in file_values})
+    origins.update({key: ENV_PREFIX + key.upper() for key in env_values})
+    origins.update({key: "command line" for key in flag_values})
+    try:
+        # Passing every layer as keyword arguments, highest last, gives the precedence above;
+        # the model's own environment read is then overridden by identical values.
+        return AgentSettings(**{**file_values, **env_values, **flag_values})
+    except ValidationError as exc:
+        lines = [_describe(error, origins) for error in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            values = tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError(f"config file: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file: cannot read {path} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file: {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file: {path} is not valid TOML ({exc})") from None
+    known = list(AgentSettings.model_fields)
+    unknown = [key for key in values if key not in AgentSettings.model_fields]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{key}: unknown key in config file {path}{hint}")
+        raise ConfigError("\n".join(lines))
+    return values
+
+
+def _describe(error: ErrorDetails, origins: Mapping[str, str]) -> str:
+    """One line for one validation error: `field: problem (got value from origin)`."""
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "value_error":
+        problem = str(error.get("ctx", {}).get("error", error["msg"]))
+    elif error["type"] == "extra_forbidden":
+        problem = "unknown setting"
+    else:
+        problem = error["msg"][:1].lower() + error["msg"][1:]
+    if not loc:
+        # Checks across fields already start each line with the field they are about.
+        return problem
+    field = str(error["loc"][0])
+    details = []
+    if field not in _SECRET_FIELDS:
+        details.append(f"got {error['input']!r}")
+    if field in origins:
+        details.append(f"from {origins[field]}")
+    suffix = f" ({', '.join(details)})" if details else ""
+    return f"{loc}: {problem}{suffix}"
