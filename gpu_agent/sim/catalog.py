@@ -49,7 +49,9 @@ class OllamaModelSpec:
 
     def required_bytes(self, num_ctx: int, num_parallel: int = 1) -> int:
         """Memory of a fully loaded runner: weights + KV cache for num_ctx x parallel + graph."""
-        return self.weights_bytes + self.kv_bytes_per_token * num_ctx * num_parallel + self.graph_bytes
+        return (
+            self.weights_bytes + self.kv_bytes_per_token * num_ctx * num_parallel + self.graph_bytes
+        )
 
     def seconds_per_token(self, offload_fraction: float) -> float:
         """Decode time per token with `offload_fraction` of the weights in system RAM."""

@@ -138,5 +138,6 @@ class PromptQueue:
     async def wait(self, timeout_real_s: float | None) -> None:
         """Sleep until something is queued or flagged, or `timeout_real_s` passes."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout_real_s)
+            async with asyncio.timeout(timeout_real_s):
+                await self._wake.wait()
         self._wake.clear()

@@ -93,7 +93,9 @@ class WsHub:
 
     async def _send(self, client: WsClient, message: dict[str, Any]) -> None:
         try:
-            await asyncio.wait_for(client.ws.send_json(message), SEND_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await client.ws.send_json(message)
         except (ConnectionError, aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
             log.debug("websocket send to %s failed: %s", client.sid, exc)
 
@@ -132,9 +134,7 @@ class WsHub:
             with contextlib.suppress(
                 ConnectionError, aiohttp.ClientError, RuntimeError, TimeoutError
             ):
-                await asyncio.wait_for(
-                    client.ws.close(
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await client.ws.close(
                         code=aiohttp.WSCloseCode.GOING_AWAY, message=b"Server shutdown"
-                    ),
-                    SEND_TIMEOUT_S,
-                )
+                    )

@@ -41,7 +41,9 @@ class ServerFaults:
     def unhang(self) -> None:
         self._released.set()
 
-    def fail(self, status: int, message: str = "simulated failure", count: int | None = None) -> None:
+    def fail(
+        self, status: int, message: str = "simulated failure", count: int | None = None
+    ) -> None:
         """Answer requests with `status` (the next `count` of them, or all until `clear()`)."""
         self.fail_status = status
         self.fail_message = message

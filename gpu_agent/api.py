@@ -1,0 +1,314 @@
+"""The agent's HTTP API (adapter layer): aiohttp app factory, auth, limits, errors, pass-through.
+
+Every error leaves as JSON `{"error": {"code", "message"}}` with a fitting status; conversion
+happens once, in `error_middleware`. Every route but `/healthz` needs `Authorization: Bearer
+<token>` when a token is configured; the comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ValidationError
+
+from gpu_agent.errors import (
+    BadRequest,
+    ComfyUIError,
+    GpuAgentError,
+    NotFound,
+    OllamaUnavailable,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from gpu_agent.metrics import make_registry, render
+from gpu_agent.schema import (
+    ErrorBody,
+    ErrorResponse,
+    FreeRequest,
+    LoadRequest,
+    PromptSubmit,
+    UnloadRequest,
+)
+from gpu_agent.service import AgentService
+
+log = logging.getLogger(__name__)
+
+SERVICE_KEY = web.AppKey("service", AgentService)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+# Ollama endpoints whose requests name a model and occupy it while they run.
+_MODEL_ROUTES = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
+# Hop-by-hop and framing headers never copied through the pass-through.
+_DROP_HEADERS = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "authorization",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-authenticate",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None
+) -> web.Response:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
+    return web.json_response(body.model_dump(exclude_none=True), status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where any failure becomes a JSON error body."""
+    try:
+        return await handler(request)
+    except GpuAgentError as exc:
+        details = getattr(exc, "details", None)
+        return error_response(exc.http_status, exc.code, str(exc), details)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(413, PayloadTooLarge.code, f"body too large: {exc.text}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        message = (
+            exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        )
+        return error_response(exc.status, code, message)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the agent's log")
+
+
+def auth_middleware(token: str | None) -> Callable[..., Any]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path != "/healthz":
+            given = request.headers.get("Authorization", "").encode()
+            # compare_digest takes time independent of where the strings differ.
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized("missing or wrong bearer token")
+        return await handler(request)
+
+    return middleware
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """Parse the JSON body into `model`, or raise a 400 that says what is wrong."""
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("missing request body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise BadRequest(f"invalid {model.__name__}: {problems}") from exc
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        body=model.model_dump_json().encode(), status=status, content_type="application/json"
+    )
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    telemetry = service.status().telemetry
+    return web.json_response({"status": "ok", "telemetry": telemetry.status})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return _json(request.app[SERVICE_KEY].status())
+
+
+async def events(request: web.Request) -> web.WebSocketResponse:
+    service = request.app[SERVICE_KEY]
+    ws = web.WebSocketResponse(heartbeat=20.0)
+    await ws.prepare(request)
+    async with service.subscribe() as queue:
+        reader = asyncio.create_task(_drain_client(ws))
+        try:
+            while not ws.closed:
+                getter = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                await ws.send_str(getter.result().model_dump_json())
+        finally:
+            reader.cancel()
+    await ws.close()
+    return ws
+
+
+async def _drain_client(ws: web.WebSocketResponse) -> None:
+    """Read (and ignore) client frames so pings, pongs and close are processed."""
+    async for msg in ws:
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+            break
+
+
+async def ollama_load(request: web.Request) -> web.Response:
+    body = await read_model(request, LoadRequest)
+    return _json(await request.app[SERVICE_KEY].load(body))
+
+
+async def ollama_unload(request: web.Request) -> web.Response:
+    body = await read_model(request, UnloadRequest)
+    return _json(await request.app[SERVICE_KEY].unload(body))
+
+
+async def submit_prompt(request: web.Request) -> web.Response:
+    body = await read_model(request, PromptSubmit)
+    info = await request.app[SERVICE_KEY].submit_prompt(body.workflow, body.prompt_id)
+    return _json(info, status=202)
+
+
+def _prompt_id(request: web.Request) -> str:
+    prompt_id = request.match_info["prompt_id"]
+    if len(prompt_id) > 64:
+        raise BadRequest("prompt id is too long")
+    return prompt_id
+
+
+async def get_prompt(request: web.Request) -> web.Response:
+    prompt_id = _prompt_id(request)
+    info = request.app[SERVICE_KEY].get_prompt(prompt_id)
+    if info is None:
+        raise NotFound(f"no prompt {prompt_id}")
+    return _json(info)
+
+
+async def cancel_prompt(request: web.Request) -> web.Response:
+    return _json(await request.app[SERVICE_KEY].cancel_prompt(_prompt_id(request)))
+
+
+async def get_output(request: web.Request) -> web.Response:
+    prompt_id = _prompt_id(request)
+    try:
+        index = int(request.match_info["index"])
+    except ValueError as exc:
+        raise BadRequest("output index must be an integer") from exc
+    data, filename, content_type = await request.app[SERVICE_KEY].comfyui.fetch_output(
+        prompt_id, index
+    )
+    safe_name = "".join(ch for ch in filename if ch.isalnum() or ch in "._-") or "output"
+    return web.Response(
+        body=data,
+        content_type=content_type,
+        headers={"Content-Disposition": f'attachment; filename="{safe_name}"'},
+    )
+
+
+async def comfyui_free(request: web.Request) -> web.Response:
+    raw = await request.read()
+    body = FreeRequest() if not raw.strip() else await read_model(request, FreeRequest)
+    return _json(await request.app[SERVICE_KEY].free(body))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload, content_type = render(request.app[REGISTRY_KEY])
+    return web.Response(body=payload, headers={"Content-Type": content_type})
+
+
+async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
+    """Forward `/api/*` to Ollama, streaming the answer chunk by chunk as it arrives."""
+    service = request.app[SERVICE_KEY]
+    body = await request.read()
+    model: str | None = None
+    if request.path in _MODEL_ROUTES and body:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None  # Ollama itself answers malformed bodies with its own 400
+        if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+            model = parsed["model"]
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
+    client = service.ollama.http
+    timeout = httpx.Timeout(
+        connect=service.ollama.request_timeout_s,
+        read=service.ollama.load_timeout_s,  # the first byte may wait for a model load
+        write=service.ollama.request_timeout_s,
+        pool=service.ollama.request_timeout_s,
+    )
+    upstream_request = client.build_request(
+        request.method, request.rel_url.path_qs, content=body, headers=headers, timeout=timeout
+    )
+    with service.track_request(model):
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            raise OllamaUnavailable(f"cannot reach Ollama: {exc}") from exc
+        try:
+            response = web.StreamResponse(status=upstream.status_code)
+            for name in ("Content-Type",):
+                if name in upstream.headers:
+                    response.headers[name] = upstream.headers[name]
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.aiter_raw():
+                    await response.write(chunk)
+            except httpx.HTTPError as exc:
+                # Headers are gone already; end the stream the way Ollama reports a late error.
+                log.warning("Ollama stream broke: %s", exc)
+                error = json.dumps({"error": f"upstream stream broke: {exc}"}) + "\n"
+                await response.write(error.encode())
+            await response.write_eof()
+            return response
+        finally:
+            await upstream.aclose()
+
+
+def create_app(service: AgentService, *, token: str | None, max_body_bytes: int) -> web.Application:
+    """The agent's aiohttp application. The caller owns `service`'s lifecycle."""
+    app = web.Application(
+        client_max_size=max_body_bytes,
+        middlewares=[error_middleware, auth_middleware(token)],
+    )
+    app[SERVICE_KEY] = service
+    app[REGISTRY_KEY] = make_registry(service)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/events", events)
+    app.router.add_post("/v1/ollama/load", ollama_load)
+    app.router.add_post("/v1/ollama/unload", ollama_unload)
+    app.router.add_post("/v1/comfyui/prompts", submit_prompt)
+    app.router.add_get("/v1/comfyui/prompts/{prompt_id}", get_prompt)
+    app.router.add_delete("/v1/comfyui/prompts/{prompt_id}", cancel_prompt)
+    app.router.add_get("/v1/comfyui/prompts/{prompt_id}/outputs/{index}", get_output)
+    app.router.add_post("/v1/comfyui/free", comfyui_free)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/api/{tail:.*}", ollama_passthrough)
+    return app
+
+
+__all__ = ["ComfyUIError", "create_app"]

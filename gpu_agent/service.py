@@ -1,0 +1,578 @@
+"""The agent's state and the operations that change the desktop (imperative shell).
+
+`AgentService` ties the telemetry sampler, the Ollama adapter and the ComfyUI controller
+together: it counts Ollama requests in flight per model, refuses to unload a busy model unless
+forced, and only reports an unload or a `/free` as done once NVML shows the memory back. It
+publishes events (snapshots on change, prompt and model events) to bounded subscriber queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gpu_agent import __version__
+from gpu_agent.comfyui import FINAL_STATES, ComfyUIController, PromptEvent, PromptRecord
+from gpu_agent.errors import (
+    ComfyUIError,
+    Conflict,
+    FreeTimeout,
+    GpuAgentError,
+    ModelNotFound,
+    OllamaError,
+    UnloadTimeout,
+)
+from gpu_agent.gpu.attribution import classify
+from gpu_agent.gpu.probe import GpuReading
+from gpu_agent.ollama import AvailableModel, OllamaClient, RunningModel
+from gpu_agent.schema import (
+    AgentEvent,
+    AgentStatus,
+    AvailableModelInfo,
+    ComfyUIInfo,
+    FreeRequest,
+    FreeResult,
+    GpuInfo,
+    GpuProcessInfo,
+    HostInfo,
+    LoadRequest,
+    LoadResult,
+    OllamaInfo,
+    OutputFileInfo,
+    PromptInfo,
+    ResidentModelInfo,
+    TelemetryInfo,
+    UnloadRequest,
+    UnloadResult,
+)
+from gpu_agent.sim.catalog import normalize_model_name
+from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
+
+log = logging.getLogger(__name__)
+
+# How often a confirmation loop re-reads NVML. Ollama's own VRAM-recovery wait polls every 250 ms.
+CONFIRM_POLL_S = 0.05
+# An unload counts as confirmed once this share of the runner's VRAM is back (as Ollama judges it).
+RECOVERED_SHARE = 0.75
+# ComfyUI's torch allocator holding no more than this counts as "emptied".
+TORCH_EMPTY_BYTES = 64 * 1024**2
+# Subscribers that fall this far behind lose their oldest events.
+SUBSCRIBER_QUEUE = 256
+# Finished prompts listed in the status snapshot.
+RECENT_PROMPTS = 50
+
+
+@dataclass
+class _OllamaState:
+    reachable: bool = False
+    error: str | None = "not checked yet"
+    version: str | None = None
+    checked_at: datetime | None = None
+    available: list[AvailableModel] = field(default_factory=list)
+    running: list[RunningModel] = field(default_factory=list)
+
+
+@dataclass
+class _ComfyState:
+    reachable: bool = False
+    queue_running: int = 0
+    queue_pending: int = 0
+
+
+def owner_bytes(snapshot: TelemetrySnapshot | None, owner: str) -> int | None:
+    """GPU memory `owner` holds over every GPU, or None when there is no fresh reading."""
+    if snapshot is None or snapshot.status != "ok" or not snapshot.gpus:
+        return None
+    return sum(per_gpu.get(owner, 0) for per_gpu in snapshot.memory_by_owner)
+
+
+class AgentService:
+    """Everything the HTTP API serves. Start it, use it, stop it."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        sampler: TelemetrySampler,
+        ollama: OllamaClient,
+        comfyui: ComfyUIController,
+        sample_interval_s: float = 1.0,
+        unload_timeout_s: float = 15.0,
+        free_timeout_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.name = name
+        self.sampler = sampler
+        self.ollama = ollama
+        self.comfyui = comfyui
+        self.sample_interval_s = sample_interval_s
+        self.unload_timeout_s = unload_timeout_s
+        self.free_timeout_s = free_timeout_s
+        # Durations we report (load time, unload wait) use `clock`; on the simulated desktop it is
+        # the simulated clock, so figures stay true to the hardware being modelled.
+        self._clock = clock
+        self._wall = wall
+        self.started_at = wall()
+        self.in_flight: Counter[str] = Counter()
+        self._ollama_state = _OllamaState()
+        self._comfy_state = _ComfyState()
+        self._subscribers: set[asyncio.Queue[AgentEvent]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_digest: tuple[Any, ...] | None = None
+        self._ollama_lock = asyncio.Lock()
+        comfyui.on_event = self._on_prompt_event
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.sampler.start()
+        await self.comfyui.start()
+        await self.refresh()
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="agent-watch"),
+            asyncio.create_task(self._publish_snapshots(), name="agent-snapshots"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.comfyui.stop()
+        await self.sampler.stop()
+        await self.ollama.aclose()
+
+    async def refresh(self) -> None:
+        """Re-read Ollama's and ComfyUI's state now."""
+        await asyncio.gather(self._refresh_ollama(), self._refresh_comfyui())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.sample_interval_s)
+            await self.refresh()
+
+    async def _refresh_ollama(self) -> None:
+        state = self._ollama_state
+        before = {m.name for m in state.running}
+        try:
+            version, available, running = await asyncio.gather(
+                self.ollama.version(), self.ollama.available(), self.ollama.running()
+            )
+        except OllamaError as exc:
+            if state.reachable:
+                log.warning("Ollama unreachable: %s", exc)
+            state.reachable, state.error = False, str(exc)
+            state.running = []
+            return
+        if not state.reachable:
+            log.info("Ollama reachable (version %s)", version)
+        state.reachable, state.error, state.version = True, None, version
+        state.available, state.running = available, running
+        state.checked_at = self._wall()
+        after = {m.name for m in running}
+        for model in sorted(after - before):
+            self._publish_model_event("loaded", model)
+        for model in sorted(before - after):
+            self._publish_model_event("unloaded", model)
+
+    async def _refresh_comfyui(self) -> None:
+        state = self._comfy_state
+        try:
+            state.queue_running, state.queue_pending = await self.comfyui.queue_counts()
+        except ComfyUIError as exc:
+            if state.reachable:
+                log.warning("ComfyUI unreachable: %s", exc)
+            state.reachable = False
+            return
+        if not state.reachable:
+            log.info("ComfyUI reachable")
+        state.reachable = True
+
+    # -- events ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[AgentEvent]]:
+        """A queue receiving every event from now on, starting with a snapshot."""
+        queue: asyncio.Queue[AgentEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        queue.put_nowait(AgentEvent(type="snapshot", at=self._wall(), status=self.status()))
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    def _publish(self, event: AgentEvent) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                # A slow reader loses its oldest event rather than stalling the agent.
+                queue.get_nowait()
+            queue.put_nowait(event)
+
+    def _publish_model_event(self, kind: str, model: str, **detail: Any) -> None:
+        log.info("model %s: %s %s", model, kind, detail or "")
+        self._publish(
+            AgentEvent(
+                type="model", at=self._wall(), event=kind, model=model, detail=detail or None
+            )
+        )
+
+    def _on_prompt_event(self, event: PromptEvent) -> None:
+        if event.kind == "finished":
+            log.info(
+                "prompt %s %s: %s", event.record.prompt_id, event.record.state, event.record.reason
+            )
+        self._publish(
+            AgentEvent(
+                type="prompt", at=self._wall(), event=event.kind, prompt=prompt_info(event.record)
+            )
+        )
+
+    async def _publish_snapshots(self) -> None:
+        seq = 0
+        while True:
+            try:
+                snapshot = await self.sampler.wait_for(
+                    seq, timeout_s=max(5.0, 5 * self.sample_interval_s)
+                )
+                seq = snapshot.seq
+            except TimeoutError:
+                pass
+            status = self.status()
+            digest = _digest(status)
+            if digest != self._last_digest:
+                self._last_digest = digest
+                self._publish(AgentEvent(type="snapshot", at=status.now, status=status))
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(
+            agent=self.name,
+            version=__version__,
+            started_at=self.started_at,
+            now=self._wall(),
+            telemetry=self._telemetry_info(),
+            ollama=self._ollama_info(),
+            comfyui=self._comfyui_info(),
+        )
+
+    def _telemetry_info(self) -> TelemetryInfo:
+        snap = self.sampler.latest
+        if snap is None:
+            return TelemetryInfo(
+                status="no_gpu",
+                reason="no sample taken yet",
+                backend=None,
+                driver_version=None,
+                taken_at=None,
+                age_s=None,
+                sample_interval_s=self.sample_interval_s,
+                gpus=[],
+                host=None,
+            )
+        return TelemetryInfo(
+            status=snap.status,
+            reason=snap.reason,
+            backend=snap.backend,
+            driver_version=snap.driver_version,
+            taken_at=snap.taken_at,
+            age_s=round(snap.age_s(time.monotonic()), 3),
+            sample_interval_s=self.sample_interval_s,
+            gpus=[
+                gpu_info(g, owners)
+                for g, owners in zip(snap.gpus, snap.memory_by_owner, strict=True)
+            ],
+            host=HostInfo(**dataclasses.asdict(snap.host)) if snap.host is not None else None,
+        )
+
+    def _ollama_info(self) -> OllamaInfo:
+        state = self._ollama_state
+        return OllamaInfo(
+            reachable=state.reachable,
+            error=state.error,
+            version=state.version,
+            checked_at=state.checked_at,
+            available=[AvailableModelInfo(**dataclasses.asdict(m)) for m in state.available],
+            resident=[
+                ResidentModelInfo(
+                    name=m.name,
+                    size_bytes=m.size_bytes,
+                    vram_bytes=m.vram_bytes,
+                    context_length=m.context_length,
+                    expires_at=m.expires_at,
+                    in_flight=self.in_flight.get(normalize_model_name(m.name), 0),
+                    offloaded=m.vram_bytes < m.size_bytes,
+                )
+                for m in state.running
+            ],
+            in_flight={k: v for k, v in self.in_flight.items() if v > 0},
+        )
+
+    def _comfyui_info(self) -> ComfyUIInfo:
+        records = self.comfyui.records()
+        live = [r for r in records if r.state not in FINAL_STATES]
+        done = [r for r in records if r.state in FINAL_STATES][-RECENT_PROMPTS:]
+        age = self.comfyui.last_message_age_s
+        return ComfyUIInfo(
+            reachable=self._comfy_state.reachable,
+            connection=self.comfyui.connection,
+            last_message_age_s=round(age, 3) if age is not None else None,
+            queue_running=self._comfy_state.queue_running,
+            queue_pending=self._comfy_state.queue_pending,
+            prompts=[prompt_info(r) for r in live + done],
+        )
+
+    # -- Ollama ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def track_request(self, model: str | None) -> Iterator[None]:
+        """Count a request to `model` as in flight for as long as the block runs."""
+        if not model:
+            yield
+            return
+        key = normalize_model_name(model)
+        self.in_flight[key] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
+
+    async def _find_running(self, model: str) -> RunningModel | None:
+        key = normalize_model_name(model)
+        running = await self.ollama.running()
+        self._ollama_state.running = running
+        return next((m for m in running if normalize_model_name(m.name) == key), None)
+
+    async def load(self, request: LoadRequest) -> LoadResult:
+        """Load a model; returns once Ollama lists it, with the load time and its footprint."""
+        async with self._ollama_lock:
+            already = await self._find_running(request.model)
+            before = owner_bytes(await self.sampler.sample_now(), "ollama")
+            started = self._clock()
+            await self.ollama.load(
+                request.model, keep_alive=request.keep_alive, num_ctx=request.num_ctx
+            )
+            load_time_s = self._clock() - started
+            loaded = await self._find_running(request.model)
+            after = owner_bytes(await self.sampler.sample_now(), "ollama")
+        if loaded is None:
+            raise ModelNotFound(f"Ollama accepted the load of {request.model} but does not list it")
+        delta = after - before if after is not None and before is not None else None
+        if already is None:
+            self._publish_model_event(
+                "loaded",
+                loaded.name,
+                load_time_s=round(load_time_s, 3),
+                vram_bytes=loaded.vram_bytes,
+            )
+        return LoadResult(
+            model=loaded.name,
+            already_resident=already is not None,
+            load_time_s=round(load_time_s, 4),
+            size_bytes=loaded.size_bytes,
+            vram_bytes=loaded.vram_bytes,
+            context_length=loaded.context_length,
+            nvml_delta_bytes=delta,
+        )
+
+    async def unload(self, request: UnloadRequest) -> UnloadResult:
+        """Unload a model and wait until NVML shows its memory back (or Ollama stops listing it
+        when there is no GPU reading). A model with requests in flight needs `force`."""
+        key = normalize_model_name(request.model)
+        busy = self.in_flight.get(key, 0)
+        if busy and not request.force:
+            raise Conflict(
+                f"{request.model} has {busy} request(s) in flight; pass force=true to unload anyway"
+            )
+        async with self._ollama_lock:
+            runner = await self._find_running(request.model)
+            if runner is None:
+                # Ask anyway: Ollama answers 404 for a model it does not have at all.
+                await self.ollama.unload(request.model)
+                return UnloadResult(
+                    model=request.model,
+                    was_resident=False,
+                    freed_bytes=0,
+                    wait_s=0.0,
+                    confirmed_by="ollama",
+                )
+            baseline = owner_bytes(await self.sampler.sample_now(), "ollama")
+            started = self._clock()
+            await self.ollama.unload(request.model)
+            freed, confirmed_by = await self._await_unloaded(runner, baseline, started)
+        wait_s = round(self._clock() - started, 4)
+        self._publish_model_event("unloaded", runner.name, freed_bytes=freed, wait_s=wait_s)
+        return UnloadResult(
+            model=runner.name,
+            was_resident=True,
+            freed_bytes=freed,
+            wait_s=wait_s,
+            confirmed_by=confirmed_by,
+        )
+
+    async def _await_unloaded(
+        self, runner: RunningModel, baseline: int | None, started: float
+    ) -> tuple[int, str]:
+        deadline = time.monotonic() + self.unload_timeout_s
+        target = RECOVERED_SHARE * runner.vram_bytes
+        freed = 0
+        while True:
+            now_bytes = owner_bytes(await self.sampler.sample_now(), "ollama")
+            if baseline is not None and now_bytes is not None and runner.vram_bytes > 0:
+                freed = max(0, baseline - now_bytes)
+                if freed >= target:
+                    return freed, "nvml"
+            elif await self._find_running(runner.name) is None:
+                # No GPU reading (or a CPU-only runner): Ollama's own listing is all we have.
+                return runner.vram_bytes, "ollama"
+            if time.monotonic() >= deadline:
+                raise UnloadTimeout(
+                    f"asked Ollama to unload {runner.name} {self._clock() - started:.1f} s ago, "
+                    f"but NVML shows only {freed} of its {runner.vram_bytes} bytes released"
+                )
+            await asyncio.sleep(CONFIRM_POLL_S)
+
+    # -- ComfyUI --------------------------------------------------------------------------
+
+    async def submit_prompt(self, workflow: dict[str, Any], prompt_id: str | None) -> PromptInfo:
+        return prompt_info(await self.comfyui.submit(workflow, prompt_id))
+
+    def get_prompt(self, prompt_id: str) -> PromptInfo | None:
+        record = self.comfyui.get(prompt_id)
+        return prompt_info(record) if record is not None else None
+
+    async def cancel_prompt(self, prompt_id: str) -> PromptInfo:
+        return prompt_info(await self.comfyui.cancel(prompt_id))
+
+    async def free(self, request: FreeRequest) -> FreeResult:
+        """Ask ComfyUI to free memory and wait until it has: ComfyUI applies `/free` only after
+        the running prompt, so this can take as long as that prompt."""
+        started = self._clock()
+        first = owner_bytes(await self.sampler.sample_now(), "comfyui")
+        peak_nvml = first or 0
+        peak_reserved = 0
+        await self.comfyui.free(
+            unload_models=request.unload_models, free_memory=request.free_memory
+        )
+        deadline = time.monotonic() + self.free_timeout_s
+        while True:
+            stats = await self.comfyui.system_stats()
+            reserved = _torch_reserved_bytes(stats)
+            running, _ = await self.comfyui.queue_counts()
+            nvml_now = owner_bytes(await self.sampler.sample_now(), "comfyui")
+            peak_reserved = max(peak_reserved, reserved)
+            if nvml_now is not None:
+                peak_nvml = max(peak_nvml, nvml_now)
+            if running == 0 and reserved <= TORCH_EMPTY_BYTES:
+                if nvml_now is None:
+                    return FreeResult(
+                        freed_bytes=peak_reserved,
+                        wait_s=round(self._clock() - started, 4),
+                        confirmed_by="comfyui",
+                    )
+                freed = max(0, peak_nvml - nvml_now)
+                if freed >= RECOVERED_SHARE * max(0, peak_reserved - TORCH_EMPTY_BYTES):
+                    return FreeResult(
+                        freed_bytes=freed,
+                        wait_s=round(self._clock() - started, 4),
+                        confirmed_by="nvml",
+                    )
+            if time.monotonic() >= deadline:
+                held = "a prompt is running and " if running else ""
+                raise FreeTimeout(
+                    f"asked ComfyUI to free memory {self._clock() - started:.1f} s ago, but "
+                    f"{held}its allocator still holds {reserved} bytes"
+                )
+            await asyncio.sleep(CONFIRM_POLL_S)
+
+
+def _torch_reserved_bytes(stats: dict[str, Any]) -> int:
+    devices = stats.get("devices") or []
+    return sum(int(d.get("torch_vram_total") or 0) for d in devices if isinstance(d, dict))
+
+
+def _digest(status: AgentStatus) -> tuple[Any, ...]:
+    """What counts as a change worth a new snapshot: not the clock, not sub-MiB jitter."""
+    tel = status.telemetry
+    gpus = tuple(
+        (
+            g.memory_used_bytes >> 20,
+            g.utilization_gpu_percent,
+            g.temperature_c,
+            round(g.power_w or 0),
+        )
+        for g in tel.gpus
+    )
+    resident = tuple((m.name, m.vram_bytes, m.in_flight) for m in status.ollama.resident)
+    prompts = tuple((p.prompt_id, p.state, p.node, p.step) for p in status.comfyui.prompts)
+    return (
+        tel.status,
+        tel.reason,
+        gpus,
+        status.ollama.reachable,
+        resident,
+        status.comfyui.reachable,
+        status.comfyui.connection,
+        status.comfyui.queue_running,
+        status.comfyui.queue_pending,
+        prompts,
+    )
+
+
+def gpu_info(reading: GpuReading, by_owner: dict[str, int]) -> GpuInfo:
+    return GpuInfo(
+        index=reading.index,
+        uuid=reading.uuid,
+        name=reading.name,
+        memory_total_bytes=reading.memory_total_bytes,
+        memory_used_bytes=reading.memory_used_bytes,
+        memory_free_bytes=reading.memory_free_bytes,
+        memory_reserved_bytes=reading.memory_reserved_bytes,
+        utilization_gpu_percent=reading.utilization_gpu_percent,
+        utilization_memory_percent=reading.utilization_memory_percent,
+        temperature_c=reading.temperature_c,
+        power_w=reading.power_w,
+        power_limit_w=reading.power_limit_w,
+        memory_by_owner_bytes=dict(by_owner),
+        processes=[
+            GpuProcessInfo(
+                pid=p.pid, owner=classify(p.name, p.cmdline), name=p.name, used_bytes=p.used_bytes
+            )
+            for p in reading.processes
+        ],
+    )
+
+
+def prompt_info(record: PromptRecord) -> PromptInfo:
+    return PromptInfo(
+        prompt_id=record.prompt_id,
+        state=record.state,
+        submitted_at=record.submitted_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        node=record.node,
+        step=record.step,
+        steps=record.steps,
+        nodes_done=record.nodes_done,
+        nodes_total=record.nodes_total,
+        outputs=[OutputFileInfo(**dataclasses.asdict(o)) for o in record.outputs],
+        error=record.error,
+        error_type=record.error_type,
+        reason=record.reason,
+    )
+
+
+__all__ = ["AgentService", "GpuAgentError", "owner_bytes", "prompt_info"]
