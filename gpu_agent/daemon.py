@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,6 +27,9 @@ from gpu_agent.service import AgentService
 from gpu_agent.settings import AgentSettings
 from gpu_agent.telemetry import TelemetrySampler
 
+if TYPE_CHECKING:
+    from gpu_agent.sim.desktop import SimDesktop
+
 log = logging.getLogger(__name__)
 
 # Longest wait for the first telemetry sample before READY=1 is sent anyway (saying why).
@@ -34,12 +38,13 @@ FIRST_SAMPLE_TIMEOUT_S = 10.0
 
 @dataclass
 class RunningAgent:
-    """What `running_agent` yields: the service and where it listens."""
+    """What `running_agent` yields: the service, where it listens, and its simulated desktop."""
 
     service: AgentService
     url: str
     ollama_url: str
     comfyui_url: str
+    desktop: SimDesktop | None = None
 
 
 def _nvml_factory() -> Callable[[], GpuProbe]:
@@ -52,16 +57,20 @@ def _nvml_factory() -> Callable[[], GpuProbe]:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(settings: AgentSettings) -> AsyncIterator[RunningAgent]:
-    """Start the whole agent (and, with `simulate`, its own simulated desktop); stop it on exit."""
+async def running_agent(
+    settings: AgentSettings, desktop: SimDesktop | None = None
+) -> AsyncIterator[RunningAgent]:
+    """Start the whole agent; stop it on exit. With `simulate` it runs on a simulated desktop:
+    `desktop` when given (already started, owned by the caller), else one of its own."""
     async with contextlib.AsyncExitStack() as stack:
         clock: Callable[[], float] | None = None
-        if settings.simulate:
-            from gpu_agent.sim.desktop import SimDesktop
+        if settings.simulate or desktop is not None:
+            if desktop is None:
+                from gpu_agent.sim.desktop import SimDesktop
 
-            desktop = SimDesktop(speed=settings.sim_speed)
-            await desktop.start()
-            stack.push_async_callback(desktop.stop)
+                desktop = SimDesktop(speed=settings.sim_speed)
+                await desktop.start()
+                stack.push_async_callback(desktop.stop)
             ollama_url, comfyui_url = desktop.ollama_url, desktop.comfyui_url
             probe = desktop.probe
 
@@ -108,7 +117,13 @@ async def running_agent(settings: AgentSettings) -> AsyncIterator[RunningAgent]:
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
         log.info("agent listening on %s (ollama %s, comfyui %s)", url, ollama_url, comfyui_url)
-        yield RunningAgent(service=service, url=url, ollama_url=ollama_url, comfyui_url=comfyui_url)
+        yield RunningAgent(
+            service=service,
+            url=url,
+            ollama_url=ollama_url,
+            comfyui_url=comfyui_url,
+            desktop=desktop,
+        )
 
 
 def _status_line(service: AgentService) -> str:

@@ -59,7 +59,7 @@ from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
 log = logging.getLogger(__name__)
 
 # How often a confirmation loop re-reads NVML. Ollama's own VRAM-recovery wait polls every 250 ms.
-CONFIRM_POLL_S = 0.05
+CONFIRM_POLL_S = 0.02
 # An unload counts as confirmed once this share of the runner's VRAM is back (as Ollama judges it).
 RECOVERED_SHARE = 0.75
 # ComfyUI's torch allocator holding no more than this counts as "emptied".

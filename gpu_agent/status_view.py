@@ -41,7 +41,7 @@ def render_status(status: AgentStatus, console: Console | None = None) -> None:
     console.print(
         f"[bold]{status.agent}[/] agent {status.version}; telemetry {tel.status}{reason}, {age}"
     )
-    gpus = Table(title="GPUs", title_justify="left")
+    gpus = Table(title="GPUs (memory in GiB)", title_justify="left")
     for column in (
         "#",
         "name",
