@@ -1,0 +1,633 @@
+"""The controller's durable job store (imperative shell: persistence).
+
+Image jobs and what the controller has learned (model speeds, VRAM footprints) live in one SQLite
+file in WAL mode with `synchronous=FULL`, so a write that returned survives a SIGKILL or a power
+cut. Every write is one transaction, committed before the call returns; the API answers 202 only
+after `create` returned, and after a restart `unfinished()` lists every job to resume or reconcile.
+
+`JobStore` is synchronous and owns one connection. `AsyncJobStore` offers the same calls as
+coroutines, run in order on one dedicated worker thread that alone makes and uses the connection.
+
+sqlite3 errors become `StoreError` in one place (`_sqlite_errors`). A refused transition raises
+`Conflict`, an update of an unknown job `NotFound`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import enum
+import json
+import sqlite3
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Literal, TypeVar, get_args
+
+from controller.errors import Conflict, NotFound, StoreError
+
+JobState = Literal["held", "dispatched", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)
+FINAL_JOB_STATES: Final[frozenset[JobState]] = frozenset({"succeeded", "failed", "cancelled"})
+
+# Where each state may go next. A state may always be "updated" to itself (progress, outputs);
+# a final state goes nowhere else. "running" -> "held" is the retry of a job its agent lost.
+ALLOWED_TRANSITIONS: Final[Mapping[JobState, frozenset[JobState]]] = MappingProxyType(
+    {
+        "held": frozenset({"dispatched", "cancelled", "failed"}),
+        "dispatched": frozenset({"running", "held", "succeeded", "failed", "cancelled"}),
+        "running": frozenset({"succeeded", "failed", "cancelled", "held"}),
+        "succeeded": frozenset(),
+        "failed": frozenset(),
+        "cancelled": frozenset(),
+    }
+)
+
+# "GPUC" in the database header: tells our file apart from any other SQLite file.
+APPLICATION_ID: Final = 0x47505543
+DEFAULT_BUSY_TIMEOUT_S: Final = 5.0
+
+# Migration i takes the schema from user_version i to i + 1; append, never edit a released one.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE jobs (
+            job_id          TEXT PRIMARY KEY,
+            prompt_id       TEXT NOT NULL UNIQUE,
+            state           TEXT NOT NULL CHECK (state IN
+                            ('held', 'dispatched', 'running', 'succeeded', 'failed', 'cancelled')),
+            workflow        TEXT NOT NULL,
+            vram_hint_bytes INTEGER,
+            priority        INTEGER NOT NULL,
+            created_at      TEXT NOT NULL,
+            updated_at      TEXT NOT NULL,
+            agent           TEXT,
+            reason          TEXT NOT NULL,
+            progress        TEXT,
+            outputs         TEXT NOT NULL,
+            error           TEXT,
+            attempts        INTEGER NOT NULL,
+            family          TEXT,
+            width           INTEGER,
+            height          INTEGER,
+            batch           INTEGER,
+            peak_bytes      INTEGER
+        )
+        """,
+        "CREATE INDEX jobs_by_state ON jobs (state, created_at, job_id)",
+        "CREATE INDEX jobs_by_created ON jobs (created_at, job_id)",
+        """
+        CREATE TABLE learned (
+            kind  TEXT NOT NULL,
+            key   TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (kind, key)
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+_COLUMN_NAMES: Final = (
+    "job_id",
+    "prompt_id",
+    "state",
+    "workflow",
+    "vram_hint_bytes",
+    "priority",
+    "created_at",
+    "updated_at",
+    "agent",
+    "reason",
+    "progress",
+    "outputs",
+    "error",
+    "attempts",
+    "family",
+    "width",
+    "height",
+    "batch",
+    "peak_bytes",
+)
+_COLUMNS: Final = ", ".join(_COLUMN_NAMES)
+
+T = TypeVar("T")
+
+
+class Unset(enum.Enum):
+    """Marks an `update` argument that was not given (so `None` can still mean "clear it")."""
+
+    UNSET = enum.auto()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One image job as stored. Datetimes are UTC; `outputs` are file names, in order."""
+
+    job_id: str
+    prompt_id: str
+    state: JobState
+    workflow: dict[str, Any]
+    vram_hint_bytes: int | None
+    priority: int
+    created_at: datetime
+    updated_at: datetime
+    agent: str | None
+    reason: str
+    progress: dict[str, Any] | None
+    outputs: tuple[str, ...]
+    error: str | None
+    attempts: int
+    family: str | None
+    width: int | None
+    height: int | None
+    batch: int | None
+    peak_bytes: int | None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_JOB_STATES
+
+
+def transition_allowed(old: JobState, new: JobState) -> bool:
+    """Whether a job in `old` may be moved to `new` (the same state is always allowed)."""
+    return old == new or new in ALLOWED_TRANSITIONS[old]
+
+
+@contextmanager
+def _sqlite_errors(what: str) -> Iterator[None]:
+    """The one place where sqlite3's errors become the controller's `StoreError`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"job store: {what}: {exc}") from exc
+
+
+def _timestamp(moment: datetime) -> str:
+    # One fixed ISO form in UTC, so text order is time order in indexes and ORDER BY.
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"timestamps must be timezone-aware, got {moment!r}")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _parse_timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _to_json(value: Any) -> str:
+    # NaN and Infinity are not JSON; refuse them rather than store what other readers reject.
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _check_state(state: str) -> JobState:
+    if state not in JOB_STATES:
+        raise ValueError(f"unknown job state {state!r}")
+    return state
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    progress = row["progress"]
+    return JobRecord(
+        job_id=row["job_id"],
+        prompt_id=row["prompt_id"],
+        state=_check_state(row["state"]),
+        workflow=json.loads(row["workflow"]),
+        vram_hint_bytes=row["vram_hint_bytes"],
+        priority=row["priority"],
+        created_at=_parse_timestamp(row["created_at"]),
+        updated_at=_parse_timestamp(row["updated_at"]),
+        agent=row["agent"],
+        reason=row["reason"],
+        progress=None if progress is None else json.loads(progress),
+        outputs=tuple(json.loads(row["outputs"])),
+        error=row["error"],
+        attempts=row["attempts"],
+        family=row["family"],
+        width=row["width"],
+        height=row["height"],
+        batch=row["batch"],
+        peak_bytes=row["peak_bytes"],
+    )
+
+
+class JobStore:
+    """Jobs and learned values in one SQLite file; one connection, used from one thread.
+
+    Opening creates the parent folder and the schema, or migrates an older schema of ours, and
+    refuses (with `StoreError`) any file that is not a job store or is newer than this code.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self._path = path
+        self._closed = False
+        with _sqlite_errors(f"opening {path}"):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"job store: cannot create {path.parent}: {exc}") from exc
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every write is exactly
+            # one transaction, committed before the call returns.
+            self._conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                self._conn.row_factory = sqlite3.Row
+                self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                self._check_identity()
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"job store: {path} cannot use WAL (journal mode {mode})")
+                self._conn.execute("PRAGMA synchronous = FULL")
+                self._migrate()
+            except BaseException:
+                self._conn.close()
+                raise
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        workflow: Mapping[str, Any],
+        vram_hint_bytes: int | None = None,
+        priority: int = 0,
+        reason: str = "queued",
+        family: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int | None = None,
+        now: datetime,
+    ) -> JobRecord:
+        """Write a new job in state "held" and return it once committed.
+
+        Its `prompt_id` is made here and never changes, so dispatching it again after a crash
+        names the same ComfyUI prompt.
+        """
+        stamp = _timestamp(now)
+        workflow_text = _to_json(workflow)
+        record = JobRecord(
+            job_id=str(uuid.uuid4()),
+            prompt_id=str(uuid.uuid4()),
+            state="held",
+            # Read back from its JSON, so the record equals what get() will return.
+            workflow=json.loads(workflow_text),
+            vram_hint_bytes=vram_hint_bytes,
+            priority=priority,
+            created_at=_parse_timestamp(stamp),
+            updated_at=_parse_timestamp(stamp),
+            agent=None,
+            reason=reason,
+            progress=None,
+            outputs=(),
+            error=None,
+            attempts=0,
+            family=family,
+            width=width,
+            height=height,
+            batch=batch,
+            peak_bytes=None,
+        )
+        values: dict[str, Any] = {
+            **{name: getattr(record, name) for name in _COLUMN_NAMES},
+            "workflow": workflow_text,
+            "created_at": stamp,
+            "updated_at": stamp,
+            "outputs": _to_json([]),
+        }
+        marks = ", ".join(f":{name}" for name in _COLUMN_NAMES)
+        with self._transaction("create job") as conn:
+            conn.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES ({marks})", values)
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        return _record(rows[0]) if rows else None
+
+    def update(
+        self,
+        job_id: str,
+        *,
+        now: datetime,
+        state: JobState | Unset = UNSET,
+        reason: str | Unset = UNSET,
+        agent: str | Unset | None = UNSET,
+        progress: Mapping[str, Any] | Unset | None = UNSET,
+        outputs: Sequence[str] | Unset = UNSET,
+        error: str | Unset | None = UNSET,
+        attempts: int | Unset = UNSET,
+        peak_bytes: int | Unset | None = UNSET,
+    ) -> JobRecord:
+        """Change only the given fields (and `updated_at`) in one transaction; return the result.
+
+        Raises `NotFound` for an unknown job and `Conflict` for a transition that is not allowed
+        (a final state never changes). A final job's other fields may still be filled in.
+        """
+        changes: dict[str, Any] = {"updated_at": _timestamp(now)}
+        if not isinstance(state, Unset):
+            changes["state"] = _check_state(state)
+        if not isinstance(reason, Unset):
+            changes["reason"] = reason
+        if not isinstance(agent, Unset):
+            changes["agent"] = agent
+        if not isinstance(progress, Unset):
+            changes["progress"] = None if progress is None else _to_json(progress)
+        if not isinstance(outputs, Unset):
+            if isinstance(outputs, str):
+                raise TypeError("outputs must be a sequence of file names, not one string")
+            changes["outputs"] = _to_json(list(outputs))
+        if not isinstance(error, Unset):
+            changes["error"] = error
+        if not isinstance(attempts, Unset):
+            if attempts < 0:
+                raise ValueError(f"attempts must not be negative, got {attempts}")
+            changes["attempts"] = attempts
+        if not isinstance(peak_bytes, Unset):
+            changes["peak_bytes"] = peak_bytes
+
+        with self._transaction(f"update job {job_id}") as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            old = _check_state(row["state"])
+            new = changes.get("state", old)
+            if not transition_allowed(old, new):
+                raise Conflict(f"job {job_id} is {old}; it cannot become {new}")
+            assignments = ", ".join(f"{column} = ?" for column in changes)
+            updated = conn.execute(
+                f"UPDATE jobs SET {assignments} WHERE job_id = ? RETURNING {_COLUMNS}",
+                (*changes.values(), job_id),
+            ).fetchone()
+            return _record(updated)
+
+    def unfinished(self) -> builtins.list[JobRecord]:
+        """Every job not in a final state, oldest first (ties by job_id): what to resume."""
+        final = tuple(FINAL_JOB_STATES)
+        marks = ", ".join("?" for _ in final)
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ({marks}) ORDER BY created_at, job_id",
+            final,
+        )
+        return [_record(row) for row in rows]
+
+    def list(
+        self, *, states: Collection[JobState] | None = None, limit: int = 100
+    ) -> builtins.list[JobRecord]:
+        """Up to `limit` jobs, newest first (ties by job_id, descending), optionally by state."""
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        if states is None:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM jobs ORDER BY created_at DESC, job_id DESC LIMIT ?",
+                (limit,),
+            )
+        else:
+            wanted = tuple(_check_state(state) for state in states)
+            if not wanted:
+                return []
+            marks = ", ".join("?" for _ in wanted)
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks}) "
+                "ORDER BY created_at DESC, job_id DESC LIMIT ?",
+                (*wanted, limit),
+            )
+        return [_record(row) for row in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state; every state is present, zero if none."""
+        counts: dict[JobState, int] = dict.fromkeys(JOB_STATES, 0)
+        for row in self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state", ()):
+            counts[_check_state(row["state"])] = row["n"]
+        return counts
+
+    # -- learned values --------------------------------------------------------------------------
+
+    def get_learned(self, kind: str) -> dict[str, Any]:
+        """All values of one kind ("image_peaks", "llm_footprints", "speeds", ...) by key."""
+        rows = self._read("SELECT key, value FROM learned WHERE kind = ? ORDER BY key", (kind,))
+        return {row["key"]: json.loads(row["value"]) for row in rows}
+
+    def put_learned(self, kind: str, key: str, value: Any) -> None:
+        """Store (or replace) one JSON-serialisable value under (kind, key)."""
+        text = _to_json(value)
+        with self._transaction(f"store learned {kind}/{key}") as conn:
+            conn.execute(
+                "INSERT INTO learned (kind, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
+                (kind, key, text),
+            )
+
+    def close(self) -> None:
+        """Close the connection; later calls raise `StoreError`. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        with _sqlite_errors("closing"):
+            self._conn.close()
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"job store {self._path} is closed")
+
+    def _read(self, sql: str, params: Sequence[Any]) -> builtins.list[sqlite3.Row]:
+        self._check_open()
+        with _sqlite_errors("reading"):
+            return self._conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back if it raises."""
+        self._check_open()
+        with _sqlite_errors(what):
+            # IMMEDIATE takes the write lock now, so a read-check-write (update) is atomic even
+            # if another process opened the same file.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.execute("COMMIT")
+
+    def _check_identity(self) -> None:
+        application_id = self._conn.execute("PRAGMA application_id").fetchone()[0]
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if application_id == 0 and version == 0:
+            tables = self._conn.execute(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchone()[0]
+            if tables == 0:
+                return  # a new, empty file: ours to set up
+        if application_id != APPLICATION_ID:
+            raise StoreError(f"job store: {self._path} is an SQLite file but not a job store")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"job store: {self._path} has schema {version}, newer than this code "
+                f"({SCHEMA_VERSION}); refusing to touch it"
+            )
+
+    def _migrate(self) -> None:
+        with self._transaction("migrating schema") as conn:
+            # Read again under the write lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+class AsyncJobStore:
+    """`JobStore`'s calls as coroutines, run in order on one dedicated worker thread.
+
+    The connection is made and used only on that thread. Opening starts at construction; await
+    `ready()` (or use `async with`) to learn at startup whether the file could be opened. A call
+    whose caller is cancelled still runs to completion on the worker: its write is not undone.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self._path = path
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
+        # The first task on the one worker, so every later call finds it finished.
+        self._opening: Future[JobStore] = self._executor.submit(
+            JobStore, path, busy_timeout_s=busy_timeout_s
+        )
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def ready(self) -> None:
+        """Wait until the store is open; raises `StoreError` if it could not be opened."""
+        await self._call(lambda store: None)
+
+    async def __aenter__(self) -> AsyncJobStore:
+        await self.ready()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def create(
+        self,
+        *,
+        workflow: Mapping[str, Any],
+        vram_hint_bytes: int | None = None,
+        priority: int = 0,
+        reason: str = "queued",
+        family: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int | None = None,
+        now: datetime,
+    ) -> JobRecord:
+        return await self._call(
+            lambda store: store.create(
+                workflow=workflow,
+                vram_hint_bytes=vram_hint_bytes,
+                priority=priority,
+                reason=reason,
+                family=family,
+                width=width,
+                height=height,
+                batch=batch,
+                now=now,
+            )
+        )
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return await self._call(lambda store: store.get(job_id))
+
+    async def update(
+        self,
+        job_id: str,
+        *,
+        now: datetime,
+        state: JobState | Unset = UNSET,
+        reason: str | Unset = UNSET,
+        agent: str | Unset | None = UNSET,
+        progress: Mapping[str, Any] | Unset | None = UNSET,
+        outputs: Sequence[str] | Unset = UNSET,
+        error: str | Unset | None = UNSET,
+        attempts: int | Unset = UNSET,
+        peak_bytes: int | Unset | None = UNSET,
+    ) -> JobRecord:
+        return await self._call(
+            lambda store: store.update(
+                job_id,
+                now=now,
+                state=state,
+                reason=reason,
+                agent=agent,
+                progress=progress,
+                outputs=outputs,
+                error=error,
+                attempts=attempts,
+                peak_bytes=peak_bytes,
+            )
+        )
+
+    async def unfinished(self) -> builtins.list[JobRecord]:
+        return await self._call(lambda store: store.unfinished())
+
+    async def list(
+        self, *, states: Collection[JobState] | None = None, limit: int = 100
+    ) -> builtins.list[JobRecord]:
+        return await self._call(lambda store: store.list(states=states, limit=limit))
+
+    async def counts(self) -> dict[JobState, int]:
+        return await self._call(lambda store: store.counts())
+
+    async def get_learned(self, kind: str) -> dict[str, Any]:
+        return await self._call(lambda store: store.get_learned(kind))
+
+    async def put_learned(self, kind: str, key: str, value: Any) -> None:
+        await self._call(lambda store: store.put_learned(kind, key, value))
+
+    async def close(self) -> None:
+        """Close the connection on its thread and let the thread end. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_on_worker)
+        finally:
+            # Calls queued before close() ran before it (one worker, in order); none can follow.
+            self._executor.shutdown(wait=False)
+
+    def _close_on_worker(self) -> None:
+        if self._opening.exception() is None:
+            self._opening.result().close()
+
+    def _call(self, work: Callable[[JobStore], T]) -> asyncio.Future[T]:
+        if self._closed:
+            raise StoreError(f"job store {self._path} is closed")
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, self._on_worker, work)
+
+    def _on_worker(self, work: Callable[[JobStore], T]) -> T:
+        # Already finished: opening was the first task on this single worker. If it failed,
+        # result() raises its StoreError again for every call.
+        return work(self._opening.result())
