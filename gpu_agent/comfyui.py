@@ -195,9 +195,9 @@ class ComfyUIController:
     async def submit(self, workflow: dict[str, Any], prompt_id: str | None = None) -> PromptRecord:
         """Queue `workflow` under `prompt_id` (a new uuid4 when None) and return its record.
 
-        Idempotent per id: an id already tracked returns its record without posting again, and
-        after a POST that got no answer (`ComfyUIUnavailable` with `prompt_id` set) a retry first
-        looks for the id in `/queue` and `/history/{id}`.
+        Idempotent per id: an id already tracked returns its record without posting again; a
+        caller's id this process does not track (the agent restarted, or a POST got no answer)
+        is first looked up in `/queue` and `/history/{id}`, so a retry never runs a prompt twice.
         Raises `WorkflowRejected` (400, with ComfyUI's `node_errors`) or `ComfyUIUnavailable`.
         """
         pid = prompt_id if prompt_id is not None else str(uuid.uuid4())
@@ -211,7 +211,7 @@ class ComfyUIController:
         self._submitting[pid] = future
         self._tracks[pid] = new_track(pid, submitted_at=_utc_now(), nodes_total=len(workflow))
         try:
-            record = await self._submit(pid, workflow)
+            record = await self._submit(pid, workflow, look_first=prompt_id is not None)
         except BaseException as exc:
             self._tracks.pop(pid, None)
             if not future.done():
@@ -226,8 +226,10 @@ class ComfyUIController:
         future.set_result(record)
         return record
 
-    async def _submit(self, pid: str, workflow: dict[str, Any]) -> PromptRecord:
-        if pid in self._unconfirmed:
+    async def _submit(
+        self, pid: str, workflow: dict[str, Any], *, look_first: bool
+    ) -> PromptRecord:
+        if look_first or pid in self._unconfirmed:
             try:
                 known = await self._adopt_if_known(pid)
             except ComfyUIUnavailable as exc:

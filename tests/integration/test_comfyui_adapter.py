@@ -386,13 +386,14 @@ async def test_submit_to_a_closed_port_fails_fast() -> None:
 
 async def test_an_unanswered_submit_is_checked_before_posting_again(env: Env) -> None:
     ctl = env.controller
-    prompt_id = str(uuid.uuid4())
     env.emulator.faults.hang()
     started = time.monotonic()
     with pytest.raises(ComfyUIUnavailable) as info:
-        await ctl.submit(blank_image(), prompt_id)
+        # No id of ours: nothing to look up first, so the POST itself goes unanswered.
+        await ctl.submit(blank_image())
     assert time.monotonic() - started < 2.0
-    assert info.value.prompt_id == prompt_id
+    prompt_id = info.value.prompt_id
+    assert prompt_id is not None
     assert ctl.get(prompt_id) is None
     # The held request now reaches ComfyUI, which queues the prompt we gave up on.
     env.emulator.faults.unhang()
@@ -406,3 +407,24 @@ async def test_an_unanswered_submit_is_checked_before_posting_again(env: Env) ->
     assert env.emulator.stats.prompts_run == 1
     kinds = [e.kind for e in env.events_for(prompt_id)]
     assert kinds == ["submitted", "finished"]
+
+
+async def test_a_restarted_agent_does_not_run_a_known_prompt_twice(env: Env) -> None:
+    """A second adapter (the agent after a restart) given the same id adopts ComfyUI's record."""
+    prompt_id = str(uuid.uuid4())
+    first = await env.controller.submit(blank_image(), prompt_id)
+    assert first.prompt_id == prompt_id
+
+    async def in_history() -> bool:
+        return bool(await env.comfy_get(f"/history/{prompt_id}"))
+
+    await until_async(in_history)
+    fresh = ComfyUIController(env.server.url, client_id="restarted-agent", request_timeout_s=2.0)
+    await fresh.start()
+    try:
+        record = await fresh.submit(blank_image(), prompt_id)
+    finally:
+        await fresh.stop()
+    assert record.state == "succeeded"
+    assert record.outputs
+    assert env.emulator.stats.prompts_run == 1
