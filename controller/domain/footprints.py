@@ -153,3 +153,11 @@ def learn_speed(speed: Speed, sample: SpeedSample, *, was_loaded: bool) -> Speed
     if was_loaded and sample.load_duration_ns > 0:
         load = _blend(load, sample.load_duration_ns / 1e9)
     return Speed(decode, prompt, load, speed.samples + 1)
+
+
+def learn_load(speed: Speed, load_s: float) -> Speed:
+    """Fold one measured load time (the agent's explicit load) into the running average."""
+    return Speed(
+        speed.decode_tokens_per_s, speed.prompt_tokens_per_s, _blend(speed.load_s, load_s),
+        speed.samples,
+    )  # fmt: skip

@@ -1,0 +1,517 @@
+"""Image jobs (imperative shell): durable queue, admission by the core, dispatch, follow-up.
+
+Every job is in the store before the API answers 202. `_schedule()` asks `plan_images()` which
+held jobs may run where, promises their memory in the ledger, then dispatches each (after the
+room plan: unloads confirmed on the GPU, ComfyUI freed). Prompt events from the agents move jobs
+on; a reconcile pass asks the agent directly about any job that has been quiet, so a missed event,
+an agent restart or a controller restart never loses a job. The prompt id sent to the agent is
+fixed when the job is created and the agent looks it up in ComfyUI before posting it again, so a
+job never runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controller.domain.admission import Admit, plan_images
+from controller.domain.footprints import ImageKey
+from controller.domain.types import ImageJob, RunningImage
+from controller.domain.workflows import image_key
+from controller.errors import AgentError, AgentRejected, BadRequest, NotFound
+from controller.schema import ImageJobInfo, ProgressInfo
+from controller.store import UNSET, JobRecord, JobState, Unset
+from gpu_agent.comfyui_state import OOM_REASON
+from gpu_agent.schema import PromptInfo
+
+if TYPE_CHECKING:
+    from controller.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# A dispatched job with no news for this long is asked about directly.
+QUIET_S = 2.0
+# How often the reconcile pass runs.
+RECONCILE_EVERY_S = 1.0
+# After an out-of-memory failure the job's footprint is raised by this factor before a retry.
+OOM_GROWTH = 1.25
+
+
+def _safe_name(filename: str) -> str:
+    name = "".join(ch for ch in Path(filename).name if ch.isalnum() or ch in "._-")
+    return name or "output"
+
+
+class ImageScheduler:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._jobs: dict[str, JobRecord] = {}
+        self._progress: dict[str, ProgressInfo] = {}
+        self._by_prompt: dict[str, str] = {}
+        self._last_news: dict[str, float] = {}
+        self._cancelling: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._counts: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self.outputs_dir = engine.settings.data_dir / "outputs"
+        from controller.engine import Pulse
+
+        self.changes = Pulse()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        engine = self._engine
+        self._counts = Counter(await engine.store.counts())
+        now = engine.clock()
+        for record in await engine.store.unfinished():
+            self._jobs[record.job_id] = record
+            self._by_prompt[record.prompt_id] = record.job_id
+            if record.state in ("dispatched", "running") and record.agent in engine.books:
+                # Hold its memory until the agent tells us how it ended; ask it at once.
+                peak = self.expected_peak(record)
+                engine.books[record.agent].start_image(
+                    RunningImage(record.job_id, peak, record.family or "none", now), peak, 0
+                )
+                self._last_news[record.job_id] = -math.inf
+        if self._jobs:
+            log.info("resuming %d unfinished image jobs", len(self._jobs))
+        self._loop = asyncio.create_task(self._run(), name="image-scheduler")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loop = None
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        engine = self._engine
+        last_reconcile = -math.inf
+        while True:
+            mark = engine.pulse.mark()
+            try:
+                await self._schedule()
+                if engine.clock() - last_reconcile >= RECONCILE_EVERY_S:
+                    last_reconcile = engine.clock()
+                    await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("image scheduling pass failed; trying again")
+            await engine.pulse.wait(engine.settings.tick_interval_s, mark)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def held(self) -> list[JobRecord]:
+        return sorted(
+            (r for r in self._jobs.values() if r.state == "held"),
+            key=lambda r: (r.created_at, r.job_id),
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {state: n for state, n in sorted(self._counts.items()) if n}
+
+    def key_of(self, record: JobRecord) -> ImageKey:
+        return ImageKey(
+            record.family or "none", record.width or 1024, record.height or 1024, record.batch or 1
+        )
+
+    def expected_peak(self, record: JobRecord) -> int:
+        return self._engine.knowledge.image_peak(self.key_of(record), record.vram_hint_bytes)[0]
+
+    async def get(self, job_id: str) -> JobRecord:
+        record = self._jobs.get(job_id) or await self._engine.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no image job {job_id}")
+        return record
+
+    def info(self, record: JobRecord) -> ImageJobInfo:
+        progress = self._progress.get(record.job_id)
+        if progress is None and record.progress:
+            progress = ProgressInfo.model_validate(record.progress)
+        return ImageJobInfo(
+            id=record.job_id,
+            state=record.state,
+            reason=record.reason,
+            agent=record.agent,
+            priority=record.priority,
+            progress=progress,
+            outputs=[f"/v1/images/{record.job_id}/outputs/{n}" for n in range(len(record.outputs))],
+            error=record.error,
+            attempts=record.attempts,
+            vram_bytes=record.peak_bytes or self.expected_peak(record),
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+
+    def output_path(self, record: JobRecord, index: int) -> Path:
+        if not 0 <= index < len(record.outputs):
+            raise NotFound(f"job {record.job_id} has {len(record.outputs)} outputs, not #{index}")
+        return self.outputs_dir / record.job_id / record.outputs[index]
+
+    async def watch(self, job_id: str) -> AsyncIterator[ImageJobInfo]:
+        """The job's state each time it changes, ending with its final state."""
+        last: ImageJobInfo | None = None
+        while True:
+            mark = self.changes.mark()
+            record = await self.get(job_id)
+            info = self.info(record)
+            if info != last:
+                last = info
+                yield info
+            if record.final:
+                return
+            await self.changes.wait(15.0, mark)
+
+    # -- changes --------------------------------------------------------------------------
+
+    async def submit(
+        self, workflow: dict[str, Any], *, vram_hint_bytes: int | None, priority: int
+    ) -> JobRecord:
+        for node_id, node in workflow.items():
+            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+                raise BadRequest(f"workflow node {node_id!r} has no class_type")
+            if not isinstance(node.get("inputs", {}), dict):
+                raise BadRequest(f"workflow node {node_id!r}: inputs must be an object")
+        key = image_key(workflow)
+        engine = self._engine
+        record = await engine.store.create(
+            workflow=workflow,
+            vram_hint_bytes=vram_hint_bytes,
+            priority=priority,
+            reason="waiting for GPU memory",
+            family=key.family,
+            width=key.width,
+            height=key.height,
+            batch=key.batch,
+            now=engine.wall(),
+        )
+        self._jobs[record.job_id] = record
+        self._by_prompt[record.prompt_id] = record.job_id
+        self._counts[record.state] += 1
+        peak, source = engine.knowledge.image_peak(key, vram_hint_bytes)
+        log.info(
+            "image job %s accepted: %s, %d bytes (%s)", record.job_id, key.encode(), peak, source
+        )
+        engine.pulse.fire()
+        self.changes.fire()
+        return record
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        record = await self.get(job_id)
+        if record.final:
+            return record
+        if record.state == "held":
+            return await self._set(record, state="cancelled", reason="cancelled by the caller")
+        assert record.agent is not None
+        self._cancelling.add(job_id)
+        prompt = await self._engine.links[record.agent].cancel(record.prompt_id)
+        await self._apply(job_id, record.agent, prompt)
+        return await self.get(job_id)
+
+    async def _set(
+        self,
+        record: JobRecord,
+        *,
+        state: JobState | Unset = UNSET,
+        reason: str | Unset = UNSET,
+        agent: str | Unset | None = UNSET,
+        progress: dict[str, Any] | Unset | None = UNSET,
+        outputs: list[str] | Unset = UNSET,
+        error: str | Unset | None = UNSET,
+        attempts: int | Unset = UNSET,
+        peak_bytes: int | Unset | None = UNSET,
+    ) -> JobRecord:
+        updated = await self._engine.store.update(
+            record.job_id,
+            now=self._engine.wall(),
+            state=state,
+            reason=reason,
+            agent=agent,
+            progress=progress,
+            outputs=outputs,
+            error=error,
+            attempts=attempts,
+            peak_bytes=peak_bytes,
+        )
+        if updated.state != record.state:
+            self._counts[record.state] -= 1
+            self._counts[updated.state] += 1
+            log.info(
+                "image job %s: %s -> %s (%s)",
+                record.job_id,
+                record.state,
+                updated.state,
+                updated.reason,
+            )
+        if updated.final:
+            self._jobs.pop(record.job_id, None)
+            self._progress.pop(record.job_id, None)
+            self._last_news.pop(record.job_id, None)
+            self._cancelling.discard(record.job_id)
+        else:
+            self._jobs[record.job_id] = updated
+        self.changes.fire()
+        self._engine.pulse.fire()
+        return updated
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        engine = self._engine
+        admitted: list[tuple[JobRecord, Admit]] = []
+        holds: list[tuple[JobRecord, str]] = []
+        async with engine.plan_lock:
+            held = self.held()
+            if not held:
+                for book in engine.books.values():
+                    book.drain_since = None
+                return
+            now = engine.clock()
+            age_base = engine.wall()
+            states = {s.name: s for s in engine.states(now)}
+            jobs = [
+                ImageJob(
+                    r.job_id,
+                    self.expected_peak(r),
+                    r.family or "none",
+                    r.priority,
+                    now - (age_base - r.created_at).total_seconds(),
+                )
+                for r in held
+            ]
+            by_id = {j.job_id: j for j in jobs}
+            decisions = plan_images(jobs, list(states.values()), now, engine.policy)
+            engine.decisions += 1
+            drains: dict[str, float] = {}
+            for decision in decisions:
+                record = self._jobs[decision.job_id]
+                if isinstance(decision, Admit):
+                    job = by_id[decision.job_id]
+                    book = engine.books[decision.agent]
+                    book.start_image(
+                        RunningImage(job.job_id, job.peak_bytes, job.family, now),
+                        decision.need_bytes,
+                        states[decision.agent].comfy_bytes,
+                    )
+                    book.unloading.update(decision.room.unload)
+                    admitted.append((record, decision))
+                else:
+                    if decision.drain_agent is not None:
+                        since = by_id[decision.job_id].submitted_at
+                        drains[decision.drain_agent] = min(
+                            drains.get(decision.drain_agent, since), since
+                        )
+                    if decision.reason != record.reason:
+                        holds.append((record, decision.reason))
+            for name, book in engine.books.items():
+                book.drain_since = drains.get(name)
+        for record, decision in admitted:
+            updated = await self._set(
+                record,
+                state="dispatched",
+                agent=decision.agent,
+                reason=decision.reason,
+                attempts=record.attempts + 1,
+            )
+            self._last_news[record.job_id] = engine.clock()
+            self._spawn(self._dispatch(updated, decision))
+        for record, reason in holds:
+            await self._set(record, reason=reason)
+
+    async def _dispatch(self, record: JobRecord, admit: Admit) -> None:
+        engine = self._engine
+        link = engine.links[admit.agent]
+        try:
+            async with engine.action_locks[admit.agent]:
+                for model in admit.room.unload:
+                    await link.unload(model)
+                    log.info("unloaded %s on %s for image job %s", model, link.name, record.job_id)
+                if admit.room.free_comfy:
+                    await link.free()
+            prompt = await link.submit(record.workflow, record.prompt_id)
+        except AgentRejected as exc:
+            if exc.status == 400:
+                engine.books[admit.agent].finish_image(None)
+                await self._set(
+                    record,
+                    state="failed",
+                    reason="ComfyUI rejected the workflow",
+                    error=exc.agent_message,
+                )
+            else:
+                await self._requeue(record, f"dispatch to {admit.agent} refused: {exc}")
+            return
+        except AgentError as exc:
+            await self._requeue(record, f"dispatch to {admit.agent} failed: {exc}")
+            return
+        finally:
+            engine.books[admit.agent].unloading.difference_update(admit.room.unload)
+            engine.pulse.fire()
+        await self._apply(record.job_id, admit.agent, prompt)
+
+    async def _requeue(self, record: JobRecord, why: str) -> None:
+        """Back to held (the memory promise is dropped) unless it has been tried enough."""
+        current = self._jobs.get(record.job_id)
+        if current is None or current.final:
+            return
+        if current.agent is not None:
+            self._engine.books[current.agent].finish_image(None)
+        if current.attempts >= self._engine.settings.max_image_attempts:
+            await self._set(
+                current,
+                state="failed",
+                reason=f"gave up after {current.attempts} attempts: {why}",
+                error=why,
+            )
+        else:
+            await self._set(current, state="held", agent=None, reason=f"{why}; will retry")
+
+    # -- following ------------------------------------------------------------------------
+
+    def on_prompt(self, agent: str, prompt: PromptInfo) -> None:
+        job_id = self._by_prompt.get(prompt.prompt_id)
+        if job_id is not None and job_id in self._jobs:
+            self._spawn(self._apply(job_id, agent, prompt))
+
+    async def _apply(self, job_id: str, agent: str, prompt: PromptInfo) -> None:
+        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            try:
+                await self._apply_locked(job_id, agent, prompt)
+            finally:
+                if job_id not in self._jobs:
+                    self._locks.pop(job_id, None)
+
+    async def _apply_locked(self, job_id: str, agent: str, prompt: PromptInfo) -> None:
+        record = self._jobs.get(job_id)
+        if record is None or record.final or record.agent != agent:
+            return
+        engine = self._engine
+        self._last_news[job_id] = engine.clock()
+        self._progress[job_id] = ProgressInfo(
+            node=prompt.node,
+            step=prompt.step,
+            steps=prompt.steps,
+            nodes_done=prompt.nodes_done,
+            nodes_total=prompt.nodes_total,
+        )
+        self.changes.fire()
+        book = engine.books[agent]
+        if prompt.state == "pending":
+            if record.reason != f"queued in ComfyUI on {agent}":
+                await self._set(record, reason=f"queued in ComfyUI on {agent}")
+        elif prompt.state == "running":
+            if record.state == "dispatched":
+                await self._set(record, state="running", reason=f"running on {agent}")
+        elif prompt.state == "succeeded":
+            try:
+                outputs = await self._fetch_outputs(record, agent, len(prompt.outputs))
+            except AgentError as exc:
+                log.warning("job %s: cannot fetch outputs yet: %s", job_id, exc)
+                return  # the reconcile pass asks again
+            peak = book.finish_image(record.family)
+            if peak:
+                await engine.knowledge.record_image_peak(self.key_of(record), peak)
+            await self._set(
+                record,
+                state="succeeded",
+                reason=f"finished on {agent} with {len(outputs)} output(s)",
+                outputs=outputs,
+                progress=self._progress[job_id].model_dump(),
+                peak_bytes=peak,
+            )
+        elif prompt.state == "failed":
+            if prompt.reason == OOM_REASON:
+                # Our footprint was too small: learn a larger one, then try again.
+                grown = int(self.expected_peak(record) * OOM_GROWTH)
+                await engine.knowledge.record_image_peak(self.key_of(record), grown)
+                await self._requeue(record, f"ran out of GPU memory on {agent}")
+                return
+            book.finish_image(record.family)
+            await self._set(
+                record,
+                state="failed",
+                reason=f"failed on {agent}: {prompt.reason or 'error'}",
+                error=prompt.error or prompt.reason,
+            )
+        elif prompt.state in ("interrupted", "cancelled"):
+            book.finish_image(record.family)
+            why = (
+                "cancelled by the caller"
+                if job_id in self._cancelling
+                else "interrupted on the desktop"
+            )
+            await self._set(record, state="cancelled", reason=why)
+        elif prompt.state == "unknown":
+            await self._requeue(record, f"ComfyUI on {agent} restarted and lost it")
+
+    async def _fetch_outputs(self, record: JobRecord, agent: str, count: int) -> list[str]:
+        link = self._engine.links[agent]
+        folder = self.outputs_dir / record.job_id
+        names = []
+        for index in range(count):
+            data, filename, _ = await link.output(record.prompt_id, index)
+            name = f"{index:02d}-{_safe_name(filename)}"
+            await asyncio.to_thread(_write_file, folder / name, data)
+            names.append(name)
+        return names
+
+    async def _reconcile(self) -> None:
+        """Ask agents directly about dispatched jobs that have been quiet."""
+        engine = self._engine
+        now = engine.clock()
+        for record in list(self._jobs.values()):
+            if record.state not in ("dispatched", "running") or record.agent is None:
+                continue
+            if now - self._last_news.get(record.job_id, -math.inf) < QUIET_S:
+                continue
+            link = engine.links.get(record.agent)
+            if link is None:
+                await self._set(
+                    record, state="failed", reason=f"agent {record.agent} is no longer configured"
+                )
+                continue
+            healthy, _ = link.health()
+            if not healthy:
+                continue  # its jobs wait for it
+            try:
+                prompt = await link.prompt(record.prompt_id)
+                if prompt is None:
+                    # The agent restarted and forgot it; the same id again is safe (it asks
+                    # ComfyUI first), and runs it only if ComfyUI never had it.
+                    prompt = await link.submit(record.workflow, record.prompt_id)
+            except AgentRejected as exc:
+                await self._set(
+                    record,
+                    state="failed",
+                    reason="ComfyUI rejected the workflow",
+                    error=exc.agent_message,
+                )
+                continue
+            except AgentError as exc:
+                log.info("reconcile of job %s deferred: %s", record.job_id, exc)
+                continue
+            await self._apply(record.job_id, record.agent, prompt)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".part")
+    temporary.write_bytes(data)
+    temporary.replace(path)
