@@ -11,27 +11,29 @@ TOML file, defaults.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import socket
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import (
-    Field,
-    PrivateAttr,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpu_agent.errors import ConfigError
+from gpu_agent.layered_settings import (
+    check_base_url,
+    is_loopback_host,
+    load_layered,
+    read_token_file,
+)
+
+__all__ = [
+    "ENV_PREFIX",
+    "EXIT_BAD_CONFIG",
+    "AgentSettings",
+    "LogLevel",
+    "is_loopback_host",
+    "load_settings",
+]
 
 EXIT_BAD_CONFIG = 78
 """Exit status for invalid settings (sysexits.h EX_CONFIG); the unit file must not restart on it."""
@@ -50,16 +52,6 @@ def _default_comfyui_client_id() -> str:
     # Derived from the hostname rather than random, so a restarted agent reattaches to the
     # ComfyUI websocket under the same client id and keeps receiving its own prompts' events.
     return f"gpu-agent-{socket.gethostname()}"
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class AgentSettings(BaseSettings):
@@ -157,18 +149,7 @@ class AgentSettings(BaseSettings):
     @field_validator("ollama_url", "comfyui_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        value = value.strip()
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        try:
-            parts.port  # noqa: B018 - property access validates the port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
-        if parts.query or parts.fragment:
-            raise ValueError("must be a base URL without query or fragment")
-        # Trailing slash stripped so callers can always join with "/api/...".
-        return value.rstrip("/")
+        return check_base_url(value)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -183,7 +164,7 @@ class AgentSettings(BaseSettings):
             problems.append("token_file: cannot be combined with token; set only one of them")
         elif self.token_file is not None:
             try:
-                self._file_token = _read_token_file(self.token_file)
+                self._file_token = read_token_file(self.token_file)
             except ValueError as exc:
                 problems.append(str(exc))
         if self.stale_after_s <= self.sample_interval_s:
@@ -210,18 +191,6 @@ class AgentSettings(BaseSettings):
         return None
 
 
-def _read_token_file(path: Path) -> SecretStr:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"token_file: {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise ValueError(f"token_file: cannot read {path} ({exc.strerror or exc})") from None
-    if not text:
-        raise ValueError(f"token_file: {path} is empty")
-    return SecretStr(text)
-
-
 def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
     """Build the settings from flags > environment (`GPU_AGENT_*`) > TOML file > defaults.
 
@@ -229,67 +198,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSet
     `ConfigError` for a missing or unparsable file, an unknown key in it, or any invalid value,
     with one line per field naming it, the problem and where the value came from.
     """
-    file_values = _read_config_file(config_file) if config_file is not None else {}
-    try:
-        env_values = EnvSettingsSource(AgentSettings)()
-    except SettingsError as exc:
-        raise ConfigError(f"environment: {exc}") from exc
-    flag_values = {key: value for key, value in overrides.items() if value is not None}
-
-    origins: dict[str, str] = {}
-    origins.update({key: str(config_file) for key in file_values})
-    origins.update({key: ENV_PREFIX + key.upper() for key in env_values})
-    origins.update({key: "command line" for key in flag_values})
-    try:
-        # Passing every layer as keyword arguments, highest last, gives the precedence above;
-        # the model's own environment read is then overridden by identical values.
-        return AgentSettings(**{**file_values, **env_values, **flag_values})
-    except ValidationError as exc:
-        lines = [_describe(error, origins) for error in exc.errors()]
-        raise ConfigError("\n".join(lines)) from exc
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as stream:
-            values = tomllib.load(stream)
-    except FileNotFoundError:
-        raise ConfigError(f"config file: {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"config file: cannot read {path} ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file: {path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file: {path} is not valid TOML ({exc})") from None
-    known = list(AgentSettings.model_fields)
-    unknown = [key for key in values if key not in AgentSettings.model_fields]
-    if unknown:
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            lines.append(f"{key}: unknown key in config file {path}{hint}")
-        raise ConfigError("\n".join(lines))
-    return values
-
-
-def _describe(error: ErrorDetails, origins: Mapping[str, str]) -> str:
-    """One line for one validation error: `field: problem (got value from origin)`."""
-    loc = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "value_error":
-        problem = str(error.get("ctx", {}).get("error", error["msg"]))
-    elif error["type"] == "extra_forbidden":
-        problem = "unknown setting"
-    else:
-        problem = error["msg"][:1].lower() + error["msg"][1:]
-    if not loc:
-        # Checks across fields already start each line with the field they are about.
-        return problem
-    field = str(error["loc"][0])
-    details = []
-    if field not in _SECRET_FIELDS:
-        details.append(f"got {error['input']!r}")
-    if field in origins:
-        details.append(f"from {origins[field]}")
-    suffix = f" ({', '.join(details)})" if details else ""
-    return f"{loc}: {problem}{suffix}"
+    return load_layered(
+        AgentSettings,
+        config_file,
+        overrides,
+        env_prefix=ENV_PREFIX,
+        error_cls=ConfigError,
+        secret_fields=_SECRET_FIELDS,
+    )
