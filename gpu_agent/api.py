@@ -22,11 +22,13 @@ from pydantic import BaseModel, ValidationError
 from gpu_agent.errors import (
     BadRequest,
     ComfyUIError,
+    ComfyUIUnavailable,
     GpuAgentError,
     NotFound,
     OllamaUnavailable,
     PayloadTooLarge,
     Unauthorized,
+    WorkflowRejected,
 )
 from gpu_agent.metrics import make_registry, render
 from gpu_agent.schema import (
@@ -78,8 +80,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GpuAgentError as exc:
-        details = getattr(exc, "details", None)
-        return error_response(exc.http_status, exc.code, str(exc), details)
+        return error_response(exc.http_status, exc.code, str(exc), _error_details(exc))
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(413, PayloadTooLarge.code, f"body too large: {exc.text}")
     except web.HTTPException as exc:
@@ -89,12 +90,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = (
             exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         )
-        return error_response(exc.status, code, message)
+        response = error_response(exc.status, code, message)
+        if "Allow" in exc.headers:
+            # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the agent's log")
+
+
+def _error_details(exc: GpuAgentError) -> dict[str, Any] | None:
+    """What a caller needs beyond the message to act on the error, if anything."""
+    if isinstance(exc, WorkflowRejected):
+        # ComfyUI's own verdict, so a client can point at the offending node and input.
+        return {"error": exc.error, "node_errors": exc.node_errors}
+    if isinstance(exc, ComfyUIUnavailable) and exc.prompt_id is not None:
+        # The submission may have been queued: resubmitting with this id is safe.
+        return {"prompt_id": exc.prompt_id}
+    details = getattr(exc, "details", None)
+    return details if isinstance(details, dict) else None
 
 
 def auth_middleware(token: str | None) -> Callable[..., Any]:
@@ -275,14 +292,19 @@ async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
                     response.headers[name] = upstream.headers[name]
             await response.prepare(request)
             try:
-                async for chunk in upstream.aiter_raw():
-                    await response.write(chunk)
-            except httpx.HTTPError as exc:
-                # Headers are gone already; end the stream the way Ollama reports a late error.
-                log.warning("Ollama stream broke: %s", exc)
-                error = json.dumps({"error": f"upstream stream broke: {exc}"}) + "\n"
-                await response.write(error.encode())
-            await response.write_eof()
+                try:
+                    async for chunk in upstream.aiter_raw():
+                        await response.write(chunk)
+                except httpx.HTTPError as exc:
+                    # Headers are gone already; end the stream the way Ollama reports a late error.
+                    log.warning("Ollama stream broke: %s", exc)
+                    error = json.dumps({"error": f"upstream stream broke: {exc}"}) + "\n"
+                    await response.write(error.encode())
+                await response.write_eof()
+            except ConnectionResetError:
+                # The client hung up. Closing the upstream stream (below) tells Ollama to stop
+                # generating for it, and the request stops counting as in flight.
+                log.info("client of %s %s went away mid-stream", request.method, request.path)
             return response
         finally:
             await upstream.aclose()

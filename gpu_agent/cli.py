@@ -1,6 +1,8 @@
-"""Command line of the agent (imperative shell): `gpu-agent sim`, and the daemon's commands.
+"""Command line of the agent (imperative shell): `gpu-agent run`, `status` and `sim`.
 
-Exit codes: 0 on a clean stop, 2 on a usage error, `EXIT_BAD_CONFIG` (78) on bad settings.
+Exit codes: 0 on a clean stop, 1 when the agent cannot start or cannot be asked, 2 on a usage
+error, `EXIT_BAD_CONFIG` (78) on bad settings (systemd's `RestartPreventExitStatus=` stops there).
+The first SIGTERM or SIGINT stops `run` gracefully; a second one ends the process at once.
 """
 
 from __future__ import annotations
@@ -9,14 +11,24 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpu_agent.errors import ConfigError, GpuAgentError
+
 if TYPE_CHECKING:
-    pass
+    from gpu_agent.daemon import RunningAgent
+    from gpu_agent.settings import AgentSettings
+
+EXIT_FAILURE = 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The daemon's own token variable (settings.ENV_PREFIX + "TOKEN"), read by `status` as well.
+# Named here rather than imported: `status` should start without loading the settings machinery.
+TOKEN_ENV = "GPU_AGENT_TOKEN"
 
 log = logging.getLogger("gpu_agent")
 
@@ -123,15 +135,107 @@ async def _run_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_until_signal(settings: AgentSettings) -> int:
+    from gpu_agent.daemon import serve
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def first_signal() -> None:
+        log.info("stop requested; shutting down")
+        stop.set()
+        # A second signal gets the default action: the process ends at once.
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    def announce(agent: RunningAgent) -> None:
+        print(f"gpu-agent listening on {agent.url}", flush=True)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first_signal)
+    try:
+        await serve(settings, stop, on_ready=announce)
+    except OSError as exc:
+        print(
+            f"gpu-agent: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from gpu_agent.settings import EXIT_BAD_CONFIG, load_settings
+
+    try:
+        settings = load_settings(
+            args.config,
+            host=args.host,
+            port=args.port,
+            ollama_url=args.ollama_url,
+            comfyui_url=args.comfyui_url,
+            token_file=args.token_file,
+            simulate=args.simulate,
+            sim_speed=args.speed,
+            log_level=args.log_level,
+        )
+    except ConfigError as exc:
+        print(f"gpu-agent: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    logging.getLogger().setLevel(settings.log_level)
+    return asyncio.run(_serve_until_signal(settings))
+
+
+def _status_token(token_file: Path | None) -> str | None:
+    """The token for `status`: from --token-file, else the agent's own environment variable."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GpuAgentError(f"cannot read the token file {token_file}: {exc}") from exc
+    if not token:
+        raise GpuAgentError(f"the token file {token_file} is empty")
+    return token
+
+
+def _show_status(args: argparse.Namespace) -> int:
+    from gpu_agent.status_view import fetch_status, render_status
+
+    try:
+        status = fetch_status(
+            args.url, token=_status_token(args.token_file), timeout_s=args.timeout
+        )
+    except GpuAgentError as exc:
+        print(f"gpu-agent status: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(status.model_dump_json(indent=2))
+    else:
+        render_status(status)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        # `status` prints a report on stdout; only problems belong on stderr there.
+        level=logging.WARNING if args.command == "status" else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: one line per poll of Ollama and ComfyUI.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.command == "sim":
         with contextlib.suppress(KeyboardInterrupt):
             return asyncio.run(_run_sim(args))
         return 0
+    if args.command == "run":
+        return _run_agent(args)
+    if args.command == "status":
+        return _show_status(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

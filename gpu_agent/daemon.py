@@ -88,10 +88,14 @@ async def running_agent(
             request_timeout_s=settings.request_timeout_s,
             load_timeout_s=settings.load_timeout_s,
         )
+        # ComfyUI is polled on the agent's sampling beat, and a websocket that has been silent
+        # with prompts outstanding is distrusted after as long as stale telemetry would be.
         comfyui = ComfyUIController(
             comfyui_url,
             client_id=settings.comfyui_client_id,
             request_timeout_s=settings.request_timeout_s,
+            poll_interval_s=settings.sample_interval_s,
+            quiet_after_s=settings.stale_after_s,
         )
         service = AgentService(
             name=socket.gethostname(),
@@ -102,6 +106,9 @@ async def running_agent(
             unload_timeout_s=settings.unload_timeout_s,
             free_timeout_s=settings.free_timeout_s,
             clock=clock or time.monotonic,
+            # Twice within the staleness limit, so an idle agent never looks stale to a
+            # listener that uses the same limit.
+            snapshot_heartbeat_s=settings.stale_after_s / 2,
         )
         await service.start()
         stack.push_async_callback(service.stop)
@@ -126,9 +133,11 @@ async def running_agent(
         )
 
 
-def _status_line(service: AgentService) -> str:
+def _status_line(service: AgentService, *, stale: bool = False) -> str:
     status = service.status()
     tel = status.telemetry
+    # Without a number in it, so a stale spell changes the line once, not at every tick.
+    telemetry = "telemetry stale, watchdog paused" if stale else f"telemetry {tel.status}"
     if tel.gpus:
         gpu = tel.gpus[0]
         memory = f"{gpu.memory_used_bytes / 2**30:.1f}/{gpu.memory_total_bytes / 2**30:.1f} GiB"
@@ -136,7 +145,7 @@ def _status_line(service: AgentService) -> str:
         memory = f"no GPU ({tel.reason})"
     models = ", ".join(m.name for m in status.ollama.resident) or "none"
     return (
-        f"telemetry {tel.status}; {memory}; models: {models}; "
+        f"{telemetry}; {memory}; models: {models}; "
         f"comfyui {status.comfyui.connection}, queue {status.comfyui.queue_running}+"
         f"{status.comfyui.queue_pending}"
     )
@@ -165,9 +174,10 @@ async def serve(
         while not stop.is_set():
             latest = service.sampler.latest
             age = latest.age_s(time.monotonic()) if latest is not None else None
-            if should_ping_watchdog(age, settings.stale_after_s):
+            fresh = should_ping_watchdog(age, settings.stale_after_s)
+            if fresh:
                 notifier.watchdog()
-            line = _status_line(service)
+            line = _status_line(service, stale=not fresh)
             if line != last_line:
                 notifier.status(line)
                 last_line = line

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -68,6 +69,8 @@ TORCH_EMPTY_BYTES = 64 * 1024**2
 SUBSCRIBER_QUEUE = 256
 # Finished prompts listed in the status snapshot.
 RECENT_PROMPTS = 50
+# Default longest silence between two snapshots on the event stream.
+SNAPSHOT_HEARTBEAT_S = 2.5
 
 
 @dataclass
@@ -109,6 +112,7 @@ class AgentService:
         free_timeout_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        snapshot_heartbeat_s: float = SNAPSHOT_HEARTBEAT_S,
     ) -> None:
         self.name = name
         self.sampler = sampler
@@ -117,6 +121,9 @@ class AgentService:
         self.sample_interval_s = sample_interval_s
         self.unload_timeout_s = unload_timeout_s
         self.free_timeout_s = free_timeout_s
+        # Longest silence on the event stream: an unchanged snapshot is sent again after this
+        # long, so a listener can tell an idle agent from a dead one.
+        self.snapshot_heartbeat_s = snapshot_heartbeat_s
         # Durations we report (load time, unload wait) use `clock`; on the simulated desktop it is
         # the simulated clock, so figures stay true to the hardware being modelled.
         self._clock = clock
@@ -129,6 +136,14 @@ class AgentService:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_digest: tuple[Any, ...] | None = None
         self._ollama_lock = asyncio.Lock()
+        # Models announced as resident (normalized name -> name as Ollama lists it), so each
+        # load and unload is announced once however many readers notice it.
+        self._announced: dict[str, str] = {}
+        # Models a load or unload of ours is changing; that operation announces them itself.
+        self._changing: set[str] = set()
+        # Bumped whenever a load or unload reads or changes the runner list: a background
+        # refresh that overlapped it holds an older list and must not overwrite it.
+        self._running_epoch = 0
         comfyui.on_event = self._on_prompt_event
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -164,7 +179,7 @@ class AgentService:
 
     async def _refresh_ollama(self) -> None:
         state = self._ollama_state
-        before = {m.name for m in state.running}
+        epoch = self._running_epoch
         try:
             version, available, running = await asyncio.gather(
                 self.ollama.version(), self.ollama.available(), self.ollama.running()
@@ -178,13 +193,21 @@ class AgentService:
         if not state.reachable:
             log.info("Ollama reachable (version %s)", version)
         state.reachable, state.error, state.version = True, None, version
-        state.available, state.running = available, running
+        state.available = available
         state.checked_at = self._wall()
-        after = {m.name for m in running}
-        for model in sorted(after - before):
-            self._publish_model_event("loaded", model)
-        for model in sorted(before - after):
-            self._publish_model_event("unloaded", model)
+        if epoch != self._running_epoch:
+            return  # a load or unload read the runners meanwhile; its list is fresher
+        state.running = running
+        self._announce_changes(running)
+
+    def _announce_changes(self, running: list[RunningModel]) -> None:
+        """Announce models that appeared in or left Ollama's list since the last announcement,
+        except those a load or unload of ours is changing (it announces them, with details)."""
+        listed = {normalize_model_name(m.name): m.name for m in running}
+        for key in sorted(listed.keys() - self._announced.keys() - self._changing):
+            self._publish_model_event("loaded", listed[key])
+        for key in sorted(self._announced.keys() - listed.keys() - self._changing):
+            self._publish_model_event("unloaded", self._announced[key])
 
     async def _refresh_comfyui(self) -> None:
         state = self._comfy_state
@@ -220,6 +243,13 @@ class AgentService:
             queue.put_nowait(event)
 
     def _publish_model_event(self, kind: str, model: str, **detail: Any) -> None:
+        key = normalize_model_name(model)
+        if kind == "loaded":
+            if key in self._announced:
+                return
+            self._announced[key] = model
+        elif kind == "unloaded" and self._announced.pop(key, None) is None:
+            return  # never announced as resident, or already announced gone
         log.info("model %s: %s %s", model, kind, detail or "")
         self._publish(
             AgentEvent(
@@ -239,19 +269,22 @@ class AgentService:
         )
 
     async def _publish_snapshots(self) -> None:
+        """A snapshot whenever the status changes, and at least every `snapshot_heartbeat_s`
+        (also while the sampler is stalled: the growing telemetry age then says so)."""
         seq = 0
+        last_sent_s = -math.inf
         while True:
             try:
-                snapshot = await self.sampler.wait_for(
-                    seq, timeout_s=max(5.0, 5 * self.sample_interval_s)
-                )
+                snapshot = await self.sampler.wait_for(seq, timeout_s=self.snapshot_heartbeat_s)
                 seq = snapshot.seq
             except TimeoutError:
                 pass
             status = self.status()
             digest = _digest(status)
-            if digest != self._last_digest:
+            now_s = time.monotonic()
+            if digest != self._last_digest or now_s - last_sent_s >= self.snapshot_heartbeat_s:
                 self._last_digest = digest
+                last_sent_s = now_s
                 self._publish(AgentEvent(type="snapshot", at=status.now, status=status))
 
     # -- status ---------------------------------------------------------------------------
@@ -350,24 +383,35 @@ class AgentService:
             if self.in_flight[key] <= 0:
                 del self.in_flight[key]
 
+    @contextlib.contextmanager
+    def _changing_model(self, model: str) -> Iterator[None]:
+        key = normalize_model_name(model)
+        self._changing.add(key)
+        try:
+            yield
+        finally:
+            self._changing.discard(key)
+
     async def _find_running(self, model: str) -> RunningModel | None:
         key = normalize_model_name(model)
         running = await self.ollama.running()
+        self._running_epoch += 1
         self._ollama_state.running = running
         return next((m for m in running if normalize_model_name(m.name) == key), None)
 
     async def load(self, request: LoadRequest) -> LoadResult:
         """Load a model; returns once Ollama lists it, with the load time and its footprint."""
         async with self._ollama_lock:
-            already = await self._find_running(request.model)
-            before = owner_bytes(await self.sampler.sample_now(), "ollama")
-            started = self._clock()
-            await self.ollama.load(
-                request.model, keep_alive=request.keep_alive, num_ctx=request.num_ctx
-            )
-            load_time_s = self._clock() - started
-            loaded = await self._find_running(request.model)
-            after = owner_bytes(await self.sampler.sample_now(), "ollama")
+            with self._changing_model(request.model):
+                already = await self._find_running(request.model)
+                before = owner_bytes(await self.sampler.sample_now(), "ollama")
+                started = self._clock()
+                await self.ollama.load(
+                    request.model, keep_alive=request.keep_alive, num_ctx=request.num_ctx
+                )
+                load_time_s = self._clock() - started
+                loaded = await self._find_running(request.model)
+                after = owner_bytes(await self.sampler.sample_now(), "ollama")
         if loaded is None:
             raise ModelNotFound(f"Ollama accepted the load of {request.model} but does not list it")
         delta = after - before if after is not None and before is not None else None
@@ -398,21 +442,26 @@ class AgentService:
                 f"{request.model} has {busy} request(s) in flight; pass force=true to unload anyway"
             )
         async with self._ollama_lock:
-            runner = await self._find_running(request.model)
-            if runner is None:
-                # Ask anyway: Ollama answers 404 for a model it does not have at all.
+            with self._changing_model(request.model):
+                runner = await self._find_running(request.model)
+                if runner is None:
+                    # Ask anyway: Ollama answers 404 for a model it does not have at all.
+                    await self.ollama.unload(request.model)
+                    return UnloadResult(
+                        model=request.model,
+                        was_resident=False,
+                        freed_bytes=0,
+                        wait_s=0.0,
+                        confirmed_by="ollama",
+                    )
+                baseline = owner_bytes(await self.sampler.sample_now(), "ollama")
+                started = self._clock()
                 await self.ollama.unload(request.model)
-                return UnloadResult(
-                    model=request.model,
-                    was_resident=False,
-                    freed_bytes=0,
-                    wait_s=0.0,
-                    confirmed_by="ollama",
-                )
-            baseline = owner_bytes(await self.sampler.sample_now(), "ollama")
-            started = self._clock()
-            await self.ollama.unload(request.model)
-            freed, confirmed_by = await self._await_unloaded(runner, baseline, started)
+                freed, confirmed_by = await self._await_unloaded(runner, baseline, started)
+                # The memory is back, so the model is gone, whether or not Ollama was re-read.
+                state = self._ollama_state
+                state.running = [m for m in state.running if normalize_model_name(m.name) != key]
+                self._running_epoch += 1
         wait_s = round(self._clock() - started, 4)
         self._publish_model_event("unloaded", runner.name, freed_bytes=freed, wait_s=wait_s)
         return UnloadResult(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import httpx
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpu_agent.errors import GpuAgentError, Unauthorized
@@ -22,7 +24,12 @@ def fetch_status(url: str, *, token: str | None, timeout_s: float) -> AgentStatu
         raise Unauthorized("the agent refused the token (set GPU_AGENT_TOKEN or --token-file)")
     if response.status_code != 200:
         raise GpuAgentError(f"the agent answered {response.status_code}: {response.text[:200]}")
-    return AgentStatus.model_validate_json(response.content)
+    try:
+        return AgentStatus.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise GpuAgentError(
+            f"the agent at {url} sent a status this version cannot read: {exc}"
+        ) from exc
 
 
 def _gib(value: int | None) -> str:
@@ -39,27 +46,20 @@ def render_status(status: AgentStatus, console: Console | None = None) -> None:
     age = f"{tel.age_s:.1f} s old" if tel.age_s is not None else "no sample"
     reason = f" ({tel.reason})" if tel.reason else ""
     console.print(
-        f"[bold]{status.agent}[/] agent {status.version}; telemetry {tel.status}{reason}, {age}"
+        f"[bold]{escape(status.agent)}[/] agent {status.version}; "
+        f"telemetry {tel.status}{escape(reason)}, {age}"
     )
-    gpus = Table(title="GPUs (memory in GiB)", title_justify="left")
-    for column in (
-        "#",
-        "name",
-        "used GiB",
-        "total GiB",
-        "ollama",
-        "comfyui",
-        "other",
-        "util",
-        "temp",
-        "power",
-    ):
+    # Names go on their own lines: as a table column they would wrap in 80 columns.
+    for gpu in tel.gpus:
+        driver = f", driver {tel.driver_version}" if tel.driver_version else ""
+        console.print(f"GPU {gpu.index}: [bold]{escape(gpu.name)}[/] ({tel.backend}{driver})")
+    gpus = Table(title="GPU memory (GiB) and load", title_justify="left")
+    for column in ("#", "used", "total", "ollama", "comfyui", "other", "util", "temp", "power"):
         gpus.add_column(column)
     for gpu in tel.gpus:
         owners = gpu.memory_by_owner_bytes
         gpus.add_row(
             str(gpu.index),
-            gpu.name,
             _gib(gpu.memory_used_bytes),
             _gib(gpu.memory_total_bytes),
             _gib(owners.get("ollama", 0)),
@@ -71,10 +71,8 @@ def render_status(status: AgentStatus, console: Console | None = None) -> None:
         )
     console.print(gpus)
     ollama = status.ollama
-    models = Table(
-        title=f"Ollama ({'up ' + (ollama.version or '') if ollama.reachable else 'DOWN'})",
-        title_justify="left",
-    )
+    state = f"up {ollama.version or ''}" if ollama.reachable else f"DOWN: {ollama.error or '?'}"
+    models = Table(title=f"Ollama ({escape(state)})", title_justify="left")
     for column in ("model", "size GiB", "on GPU GiB", "context", "in flight", "expires"):
         models.add_column(column)
     for model in ollama.resident:

@@ -116,7 +116,9 @@ class OllamaEmulator:
     """An Ollama server on the simulated desktop. Serve `make_app()` behind a `LoopbackServer`.
 
     `faults` is obeyed by middleware on every request; `faults.fail_stream_after_tokens = n` makes
-    streamed answers break off after n chunks with a final `{"error": ...}` line.
+    streamed answers break off after n chunks with a final `{"error": ...}` line. With
+    `zombie_runners` set, unloaded runners leave the list but keep their GPU memory (a runner
+    process that hangs on exit) until the server is stopped or restarted.
     """
 
     def __init__(
@@ -144,11 +146,12 @@ class OllamaEmulator:
         self._keep_alive_default_s = (
             math.inf if settings.keep_alive_s < 0 else settings.keep_alive_s
         )
+        self._zombie_runners = False
         self._scheduler = self._new_scheduler()
         self._exchanges: dict[asyncio.Task[Any], web.Request] = {}
 
     def _new_scheduler(self) -> OllamaScheduler:
-        return OllamaScheduler(
+        scheduler = OllamaScheduler(
             clock=self.clock,
             gpu=self.gpu,
             settings=self.settings,
@@ -157,6 +160,18 @@ class OllamaEmulator:
             pids=self._pids,
             rng=self._rng,
         )
+        scheduler.zombie_runners = self._zombie_runners
+        return scheduler
+
+    @property
+    def zombie_runners(self) -> bool:
+        """Whether unloaded runners keep their GPU memory (a fault; off by default)."""
+        return self._zombie_runners
+
+    @zombie_runners.setter
+    def zombie_runners(self, value: bool) -> None:
+        self._zombie_runners = value
+        self._scheduler.zombie_runners = value
 
     # -- lifecycle and inspection -------------------------------------------------------------
 

@@ -11,7 +11,9 @@ simulated GPU. It follows Ollama's `server/sched.go` as described in protocols.m
   evicted first; with none idle, the busy one with the shortest keep-alive is drained, then evicted;
 * a runner whose `num_ctx` or `num_gpu` differs from a request's is unloaded and loaded again;
 * the keep-alive clock starts when the last request on a runner ends; an unloaded runner keeps its
-  memory for `unload_release_s` (Ollama waits for the VRAM to recover) and then disappears.
+  memory for `unload_release_s` (Ollama waits for the VRAM to recover) and then disappears;
+* with `zombie_runners` set, an unloaded runner disappears from the list but its process never
+  exits, so its GPU memory stays taken until the server process itself goes away.
 """
 
 from __future__ import annotations
@@ -200,6 +202,9 @@ class OllamaScheduler:
         self._load_lock = asyncio.Lock()
         self._queued = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.zombie_runners = False
+        # Runners Ollama forgot whose processes still hold GPU memory.
+        self._zombies: list[_Runner] = []
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -278,12 +283,13 @@ class OllamaScheduler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if release_memory:
-            for runner in self._runners.values():
+            for runner in [*self._runners.values(), *self._zombies]:
                 runner.dead = True
                 self._gpu.detach(runner.pid)
                 runner.settled.set()
                 runner.released.set()
             self._runners.clear()
+            self._zombies.clear()
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -476,7 +482,11 @@ class OllamaScheduler:
 
     async def _release_later(self, runner: _Runner) -> None:
         await self._clock.sleep(self._settings.unload_release_s)
-        self._gpu.detach(runner.pid)
+        if self.zombie_runners:
+            # Ollama gives up waiting for the VRAM to recover and forgets the runner anyway.
+            self._zombies.append(runner)
+        else:
+            self._gpu.detach(runner.pid)
         if self._runners.get(runner.spec.name) is runner:
             del self._runners[runner.spec.name]
         runner.settled.set()
