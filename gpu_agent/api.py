@@ -11,11 +11,12 @@ import asyncio
 import hmac
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_KEY = web.AppKey("service", AgentService)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+EVENT_STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet[web.WebSocketResponse])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -171,6 +173,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     service = request.app[SERVICE_KEY]
     ws = web.WebSocketResponse(heartbeat=20.0)
     await ws.prepare(request)
+    request.app[EVENT_STREAMS_KEY].add(ws)
     async with service.subscribe() as queue:
         reader = asyncio.create_task(_drain_client(ws))
         try:
@@ -185,6 +188,13 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             reader.cancel()
     await ws.close()
     return ws
+
+
+async def _close_event_streams(app: web.Application) -> None:
+    """On shutdown, tell every follower we are going, rather than let the grace period lapse."""
+    streams: weakref.WeakSet[web.WebSocketResponse] = app[EVENT_STREAMS_KEY]
+    for ws in list(streams):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent shutting down")
 
 
 async def _drain_client(ws: web.WebSocketResponse) -> None:
@@ -318,6 +328,8 @@ def create_app(service: AgentService, *, token: str | None, max_body_bytes: int)
     )
     app[SERVICE_KEY] = service
     app[REGISTRY_KEY] = make_registry(service)
+    app[EVENT_STREAMS_KEY] = weakref.WeakSet()
+    app.on_shutdown.append(_close_event_streams)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/events", events)
