@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest sim clean
+.PHONY: demo test bench lint typecheck pytest sim clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gpu_agent.sim.demo
+	$(BIN)/python -m gpu_agent.sim.demo --clean
+	$(BIN)/python -m controller.demo
 
 test: lint typecheck pytest
 
@@ -26,6 +27,9 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 sim: $(STAMP)
 	$(BIN)/gpu-agent sim

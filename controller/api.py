@@ -167,6 +167,9 @@ async def _generate(request: web.Request, path: str) -> web.StreamResponse:
                     )
                 if len(partial) > _MAX_FINAL_LINE:
                     partial = b""
+            # The model is free once the answer is complete: release before the caller sees
+            # the end, or its next request could find the model still counted as busy.
+            engine.llm.release(route)
             await response.write_eof()
         final_line = partial if partial.strip() else last_line
         try:

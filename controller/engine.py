@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from controller.agents import AgentLink
 from controller.domain.types import AgentState, ModelProfile
+from controller.errors import AgentError
 from controller.knowledge import Knowledge
 from controller.ledger import AgentBook, agent_state
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo, ModelInfo, ModelsInfo
@@ -126,6 +127,14 @@ class Engine:
             reserve_bytes=self.settings.reserve_bytes,
             now=now,
         )
+
+    async def refresh(self, name: str) -> None:
+        """Read agent `name`'s status now, after an action changed it; the next snapshot
+        serves if it cannot be read."""
+        try:
+            await self.links[name].refresh()
+        except AgentError as exc:
+            log.info("status of %s not refreshed: %s", name, exc)
 
     def states(self, now: float) -> list[AgentState]:
         return [self.state_of(name, now) for name in sorted(self.links)]

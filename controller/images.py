@@ -276,6 +276,7 @@ class ImageScheduler:
         engine = self._engine
         admitted: list[tuple[JobRecord, Admit]] = []
         holds: list[tuple[JobRecord, str]] = []
+        impossible: list[tuple[JobRecord, str]] = []
         async with engine.plan_lock:
             held = self.held()
             if not held:
@@ -296,7 +297,13 @@ class ImageScheduler:
                 for r in held
             ]
             by_id = {j.job_id: j for j in jobs}
-            decisions = plan_images(jobs, list(states.values()), now, engine.policy)
+            decisions = plan_images(
+                jobs,
+                list(states.values()),
+                now,
+                engine.policy,
+                llm_waiting_since=engine.llm.waiting_since,
+            )
             engine.decisions += 1
             drains: dict[str, float] = {}
             for decision in decisions:
@@ -304,13 +311,19 @@ class ImageScheduler:
                 if isinstance(decision, Admit):
                     job = by_id[decision.job_id]
                     book = engine.books[decision.agent]
+                    agent = states[decision.agent]
                     book.start_image(
                         RunningImage(job.job_id, job.peak_bytes, job.family, now),
                         decision.need_bytes,
-                        states[decision.agent].comfy_bytes,
+                        # What ComfyUI holds once the plan is carried out, so only the job's
+                        # own growth beyond it counts as shown.
+                        agent.comfy_floor_bytes if decision.room.free_comfy else agent.comfy_bytes,
                     )
                     book.unloading.update(decision.room.unload)
+                    book.freeing_comfy += int(decision.room.free_comfy)
                     admitted.append((record, decision))
+                elif decision.impossible:
+                    impossible.append((record, decision.reason))
                 else:
                     if decision.drain_agent is not None:
                         since = by_id[decision.job_id].submitted_at
@@ -333,6 +346,8 @@ class ImageScheduler:
             self._spawn(self._dispatch(updated, decision))
         for record, reason in holds:
             await self._set(record, reason=reason)
+        for record, reason in impossible:
+            await self._set(record, state="failed", reason=reason, error=reason)
 
     async def _dispatch(self, record: JobRecord, admit: Admit) -> None:
         engine = self._engine
@@ -344,6 +359,12 @@ class ImageScheduler:
                     log.info("unloaded %s on %s for image job %s", model, link.name, record.job_id)
                 if admit.room.free_comfy:
                     await link.free()
+                    log.info(
+                        "freed ComfyUI's cache on %s for image job %s", link.name, record.job_id
+                    )
+                if not admit.room.empty:
+                    # The marks below come off only once the status shows the changes.
+                    await engine.refresh(admit.agent)
             prompt = await link.submit(record.workflow, record.prompt_id)
         except AgentRejected as exc:
             if exc.status == 400:
@@ -361,7 +382,9 @@ class ImageScheduler:
             await self._requeue(record, f"dispatch to {admit.agent} failed: {exc}")
             return
         finally:
-            engine.books[admit.agent].unloading.difference_update(admit.room.unload)
+            book = engine.books[admit.agent]
+            book.unloading.difference_update(admit.room.unload)
+            book.freeing_comfy -= int(admit.room.free_comfy)
             engine.pulse.fire()
         await self._apply(record.job_id, admit.agent, prompt)
 
@@ -438,8 +461,12 @@ class ImageScheduler:
             )
         elif prompt.state == "failed":
             if prompt.reason == OOM_REASON:
-                # Our footprint was too small: learn a larger one, then try again.
+                # Our footprint was too small: learn a larger one (never more than a whole
+                # budget, or the job could never run again), then try again.
+                budgets = [s.budget_bytes for s in engine.states(engine.clock()) if s.total_bytes]
                 grown = int(self.expected_peak(record) * OOM_GROWTH)
+                if budgets:
+                    grown = min(grown, max(budgets))
                 await engine.knowledge.record_image_peak(self.key_of(record), grown)
                 await self._requeue(record, f"ran out of GPU memory on {agent}")
                 return

@@ -20,7 +20,9 @@ from controller.domain.footprints import (
     estimate_image_peak,
     learn_image_peak,
     learn_llm_footprint,
+    learn_load,
     learn_speed,
+    llm_key,
 )
 from controller.domain.types import ModelProfile
 from controller.store import AsyncJobStore
@@ -95,14 +97,20 @@ class Knowledge:
             eval_duration_ns=int(final.get("eval_duration") or 0),
             load_duration_ns=int(final.get("load_duration") or 0),
         )
-        speed = learn_speed(self.speeds.get(model, Speed()), sample, was_loaded=was_loaded)
-        self.speeds[model] = speed
-        await self._store.put_learned(SPEEDS, model, {
+        self.speeds[model] = learn_speed(
+            self.speeds.get(model, Speed()), sample, was_loaded=was_loaded
+        )
+        await self._save_speed(model)
+
+    async def _save_speed(self, model: str) -> None:
+        speed = self.speeds[model]
+        value = {
             "decode_tokens_per_s": speed.decode_tokens_per_s,
             "prompt_tokens_per_s": speed.prompt_tokens_per_s,
             "load_s": speed.load_s,
             "samples": speed.samples,
-        })  # fmt: skip
+        }
+        await self._store.put_learned(SPEEDS, model, value)
 
     async def record_load(
         self, model: str, num_ctx: int, vram_bytes: int, size_bytes: int, load_s: float
@@ -110,13 +118,10 @@ class Knowledge:
         self.llm_footprints = learn_llm_footprint(
             self.llm_footprints, model, num_ctx, vram_bytes, size_bytes
         )
-        key = f"{model}@{num_ctx}"
+        key = llm_key(model, num_ctx)
         await self._store.put_learned(LLM_FOOTPRINTS, key, self.llm_footprints[key])
-        old = self.speeds.get(model, Speed())
-        load = load_s if old.load_s is None else 0.7 * old.load_s + 0.3 * load_s
-        self.speeds[model] = Speed(
-            old.decode_tokens_per_s, old.prompt_tokens_per_s, load, old.samples
-        )
+        self.speeds[model] = learn_load(self.speeds.get(model, Speed()), load_s)
+        await self._save_speed(model)
 
     async def record_image_peak(self, key: ImageKey, peak_bytes: int) -> None:
         self.image_peaks = learn_image_peak(self.image_peaks, key, peak_bytes)

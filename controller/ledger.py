@@ -28,6 +28,21 @@ class _ImageRun:
 
 
 @dataclass
+class _Ended:
+    """A request of ours that ended, which the agent's snapshots may still count as in flight."""
+
+    model: str
+    # The agent's in-flight count for the model in the last snapshot before the end.
+    reported: int
+    snapshots: int = 0
+
+
+# Snapshots after which an ended request is no longer discounted: the first one may have been
+# taken a moment before the agent saw the request end; the second was taken well after.
+ENDED_SNAPSHOTS = 2
+
+
+@dataclass
 class AgentBook:
     """The controller's own record of one agent."""
 
@@ -36,10 +51,20 @@ class AgentBook:
     seen_at: dict[str, float] = field(default_factory=dict)
     used_at: dict[str, float] = field(default_factory=dict)
     queued: Counter[str] = field(default_factory=Counter)
+    # Models a plan is about to unload: no longer offered to new requests.
+    unloading: set[str] = field(default_factory=set)
+    # ComfyUI frees that plans decided on and have not carried out yet. Until they are done
+    # ComfyUI's cache counts as gone, so that two plans cannot both count on the same freed
+    # bytes, and no image job counts on reusing a checkpoint that is about to go.
+    freeing_comfy: int = 0
     comfy_floor: int | None = None
     comfy_family: str | None = None
     drain_since: float | None = None
     run: _ImageRun | None = None
+    # The agent's in-flight count per model in its latest snapshot, and requests of ours that
+    # ended since, which that count may still include.
+    reported: dict[str, int] = field(default_factory=dict)
+    ended: list[_Ended] = field(default_factory=list)
     _tokens: itertools.count[int] = field(default_factory=itertools.count)
 
     # -- promises -------------------------------------------------------------------------
@@ -70,6 +95,16 @@ class AgentBook:
     def observe(self, status: AgentStatus, now: float) -> None:
         """Fold one snapshot in: residency times, ComfyUI's floor and peak."""
         resident = {m.name for m in status.ollama.resident}
+        self.reported = {m.name: m.in_flight for m in status.ollama.resident}
+        for ended in self.ended:
+            ended.snapshots += 1
+        # An end is seen once the agent's count drops below what it was before the end, or
+        # after enough snapshots that the agent must have seen it.
+        self.ended = [
+            e
+            for e in self.ended
+            if e.snapshots < ENDED_SNAPSHOTS and self.reported.get(e.model, 0) >= e.reported
+        ]
         for name in resident:
             self.seen_at.setdefault(name, now)
             self.used_at.setdefault(name, now)
@@ -91,6 +126,16 @@ class AgentBook:
 
     def touch(self, model: str, now: float) -> None:
         self.used_at[model] = now
+
+    def end_request(self, model: str) -> None:
+        """A request of ours to `model` ended: stop counting it even where the agent's latest
+        snapshot, taken before the end, still does."""
+        self.ended.append(_Ended(model, self.reported.get(model, 0)))
+
+    def agent_in_flight(self, model: str, reported: int) -> int:
+        """The agent's count for `model` less our requests that ended after it was taken."""
+        unseen = sum(1 for e in self.ended if e.model == model)
+        return max(0, reported - unseen)
 
 
 def comfy_bytes(status: AgentStatus) -> int | None:
@@ -118,6 +163,8 @@ def agent_state(
     comfy = gpu.memory_by_owner_bytes.get("comfyui", 0)
     residents = []
     for model in status.ollama.resident:
+        if model.name in book.unloading:
+            continue
         residents.append(
             ResidentModel(
                 name=model.name,
@@ -125,33 +172,42 @@ def agent_state(
                 size_bytes=model.size_bytes,
                 # The agent counts requests passing through it; the controller also counts the
                 # ones it has routed there that have not reached the agent yet.
-                in_flight=max(model.in_flight, book.queued.get(model.name, 0)),
+                in_flight=max(
+                    book.agent_in_flight(model.name, model.in_flight),
+                    book.queued.get(model.name, 0),
+                ),
                 loaded_at=book.seen_at.get(model.name, now),
                 last_used_at=book.used_at.get(model.name, now),
             )
         )
     resident_names = {m.name for m in residents}
     pending = sum(book.promised.values())
+    used = gpu.memory_used_bytes
+    family = book.comfy_family
+    floor = (
+        book.comfy_floor if book.comfy_floor is not None else min(comfy, DEFAULT_COMFY_FLOOR_BYTES)
+    )
+    if book.freeing_comfy and book.run is None:
+        used -= max(0, comfy - floor)
+        comfy = min(comfy, floor)
+        family = None
     running = None
     if book.run is not None:
         running = book.run.image
         # What the job will still add: its need less what NVML already shows of it.
         shown = max(0, comfy - book.run.comfy_at_dispatch)
         pending += max(0, book.run.need_bytes - shown)
-    floor = (
-        book.comfy_floor if book.comfy_floor is not None else min(comfy, DEFAULT_COMFY_FLOOR_BYTES)
-    )
     return AgentState(
         name=book.name,
         healthy=healthy,
         total_bytes=gpu.memory_total_bytes,
-        used_bytes=gpu.memory_used_bytes,
+        used_bytes=used,
         reserve_bytes=reserve_bytes,
         resident=tuple(residents),
         pending_bytes=pending,
         comfy_bytes=comfy,
         comfy_floor_bytes=min(floor, comfy),
-        comfy_family=book.comfy_family,
+        comfy_family=family,
         image_running=running,
         # Requests waiting for a model that is still being loaded.
         llm_queued=tuple(

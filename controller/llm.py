@@ -10,6 +10,7 @@ for the fleet to change; then it raises `NoCapacity` with the core's reason.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,10 +45,28 @@ class LlmRouter:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self.in_flight = 0
+        # Requests waiting for room, by ticket, with the time they started waiting.
+        self._waiting: dict[int, float] = {}
+        self._tickets = itertools.count()
+
+    @property
+    def waiting_since(self) -> float | None:
+        """When the longest-waiting request started waiting for room, if any waits."""
+        return min(self._waiting.values(), default=None)
 
     async def acquire(self, request: LlmRequest, *, num_ctx: int | None = None) -> Route:
         engine = self._engine
         deadline = engine.clock() + engine.settings.llm_wait_s
+        ticket = next(self._tickets)
+        try:
+            return await self._acquire(request, num_ctx, deadline, ticket)
+        finally:
+            self._waiting.pop(ticket, None)
+
+    async def _acquire(
+        self, request: LlmRequest, num_ctx: int | None, deadline: float, ticket: int
+    ) -> Route:
+        engine = self._engine
         while True:
             mark = engine.pulse.mark()
             async with engine.plan_lock:
@@ -58,10 +77,12 @@ class LlmRouter:
                     book = engine.books[decision.agent]
                     book.queued[decision.model] += 1
                     book.unloading.update(decision.room.unload)
+                    book.freeing_comfy += int(decision.room.free_comfy)
                     token = None
                     if decision.load:
                         token = book.promise(engine.catalog()[decision.model].vram_bytes)
             if isinstance(decision, Choice):
+                self._waiting.pop(ticket, None)
                 try:
                     return await self._carry_out(decision, token, num_ctx)
                 except AgentRejected as exc:
@@ -77,6 +98,7 @@ class LlmRouter:
             left = deadline - engine.clock()
             if left <= 0:
                 raise NoCapacity(decision.reason, retry_after_s=decision.retry_after_s)
+            self._waiting.setdefault(ticket, engine.clock())
             await engine.pulse.wait(min(left, REPLAN_S), mark)
 
     async def _carry_out(self, choice: Choice, token: int | None, num_ctx: int | None) -> Route:
@@ -103,12 +125,15 @@ class LlmRouter:
                         result.size_bytes,
                         result.load_time_s or engine.clock() - started,
                     )
-                    await link.refresh()
+                if choice.load or not choice.room.empty:
+                    # The marks below come off only once the status shows the changes.
+                    await engine.refresh(choice.agent)
         except BaseException:
             book.queued[choice.model] -= 1
             raise
         finally:
             book.unloading.difference_update(choice.room.unload)
+            book.freeing_comfy -= int(choice.room.free_comfy)
             if token is not None:
                 book.release(token)
             engine.pulse.fire()
@@ -123,6 +148,7 @@ class LlmRouter:
         engine = self._engine
         book = engine.books[route.agent]
         book.queued[route.model] -= 1
+        book.end_request(route.model)
         book.touch(route.model, engine.clock())
         self.in_flight -= 1
         engine.pulse.fire()

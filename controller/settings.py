@@ -167,10 +167,16 @@ class ControllerSettings(BaseSettings):
         default=30.0, ge=0.0, le=3600.0, description="A model loaded this recently is not evicted."
     )
     max_hold_s: float = Field(
-        default=120.0,
+        default=60.0,
         gt=0.0,
         le=86_400.0,
         description="An image job held longer than this stops new LLM loads on its agent.",
+    )
+    image_yield_s: float = Field(
+        default=20.0,
+        ge=0.0,
+        le=3600.0,
+        description="An image job held less than this lets waiting LLM requests go first.",
     )
     auto_quality_slack: float = Field(
         default=12.0,
@@ -293,6 +299,7 @@ class ControllerSettings(BaseSettings):
             min_residency_s=self.min_residency_s,
             max_hold_s=self.max_hold_s,
             auto_quality_slack=self.auto_quality_slack,
+            image_yield_s=self.image_yield_s,
             stale_after_s=self.stale_after_s,
         )
 

@@ -30,11 +30,13 @@ class Admit:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """Keep `job_id` waiting. `drain_agent` stops new LLM loads there (the job is starving)."""
+    """Keep `job_id` waiting. `drain_agent` stops new LLM loads there (the job is starving);
+    `impossible` says no healthy agent's whole budget could ever hold it."""
 
     job_id: str
     reason: str
     drain_agent: str | None = None
+    impossible: bool = False
 
 
 ImageDecision = Admit | Hold
@@ -82,14 +84,30 @@ def plan_images(
     agents: Sequence[AgentState],
     now: float,
     config: PolicyConfig = PolicyConfig(),
+    *,
+    llm_waiting_since: float | None = None,
 ) -> list[ImageDecision]:
     """One decision per job. Each admission is charged to its agent before the next job is
     considered, so two jobs never spend the same free memory. ComfyUI runs one prompt at a time,
-    so an agent takes at most one job per round and none while one runs."""
+    so an agent takes at most one job per round and none while one runs.
+
+    `llm_waiting_since`: an LLM request has been waiting for room since then. Interactive
+    requests are short, so an image job held less than `image_yield_s` waits for them rather
+    than take the room they are waiting for; an older job competes on equal terms.
+    """
     state = {a.name: a for a in agents}
     decisions: list[ImageDecision] = []
     for job in _order(jobs, agents, now, config):
         starving = now - job.submitted_at > config.max_hold_s
+        yields = now - job.submitted_at < config.image_yield_s
+        if llm_waiting_since is not None and yields:
+            waited = now - llm_waiting_since
+            decisions.append(
+                Hold(
+                    job.job_id, f"an LLM request has waited {waited:.0f} s for room; it goes first"
+                )
+            )
+            continue
         candidates: list[tuple[tuple[float, int, str], Admit]] = []
         reasons: list[str] = []
         for agent in sorted(state.values(), key=lambda a: a.name):
@@ -105,7 +123,11 @@ def plan_images(
                     f"needs {gb(need)}, more than {agent.name}'s {gb(agent.budget_bytes)} budget"
                 )
                 continue
-            room = make_room(agent, need, now, config, starving=starving)
+            # Freeing ComfyUI would throw away the checkpoint this job counts on reusing.
+            reuses_cache = agent.comfy_family == job.family
+            room = make_room(
+                agent, need, now, config, starving=starving, allow_free_comfy=not reuses_cache
+            )
             if isinstance(room, NoRoom):
                 reasons.append(room.reason if len(state) == 1 else f"{agent.name}: {room.reason}")
                 continue
@@ -148,5 +170,9 @@ def plan_images(
         reason = "; ".join(dict.fromkeys(reasons)) or "no agent"
         if drain is not None:
             reason += f"; waited {now - job.submitted_at:.0f} s, so {drain} starts no new LLM loads"
-        decisions.append(Hold(job.job_id, reason, drain))
+        healthy = [a for a in state.values() if a.healthy]
+        impossible = bool(healthy) and all(
+            image_need_bytes(job, a) > a.budget_bytes for a in healthy
+        )
+        decisions.append(Hold(job.job_id, reason, drain, impossible))
     return decisions

@@ -120,7 +120,10 @@ class PolicyConfig:
     min_residency_s: float = 30.0
     # ... unless an image job has been held longer than this (no starvation); past it, no new
     # LLM loads start on that agent until the job runs.
-    max_hold_s: float = 120.0
+    max_hold_s: float = 60.0
+    # An image job held less than this lets LLM requests that wait for room go first
+    # (interactive requests are short); past it, it competes for room on equal terms.
+    image_yield_s: float = 20.0
     # auto: the fastest model whose quality is within this many points of the best candidate.
     auto_quality_slack: float = 12.0
     # Expected output when a request does not say (num_predict).

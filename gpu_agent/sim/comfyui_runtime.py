@@ -193,6 +193,8 @@ class NodeRuntime:
         warm = (checkpoint.filename, part) in self.memory.warm_parts
         load_s = family.load_warm_s if warm else family.load_cold_s
         self.memory.warm_parts.add((checkpoint.filename, part))
+        if part == "unet":
+            self.stats.checkpoint_loads += 1
         with self.gpu.working("load"):
             await self.clock.sleep(load_s * loaded_bytes / family.weights_bytes)
 

@@ -39,6 +39,7 @@ class ComfyUIStats:
     failed_oom: int = 0
     lowvram_runs: int = 0
     interrupted: int = 0
+    checkpoint_loads: int = 0  # UNet loads onto the GPU (a checkpoint brought in, wholly or partly)
     # Sampler steps run and the simulated seconds they were planned to take (contention and
     # low-VRAM slowdown included), so a test can compare seconds per step between runs.
     sampler_steps: int = 0

@@ -72,7 +72,7 @@ def test_defaults() -> None:
     assert settings.agents == []
     assert settings.reserve_bytes == 512 * MIB
     assert settings.min_residency_s == 30.0
-    assert settings.max_hold_s == 120.0
+    assert settings.max_hold_s == 60.0
     assert settings.auto_quality_slack == 12.0
     assert settings.quality == {}
     assert settings.request_timeout_s == 10.0

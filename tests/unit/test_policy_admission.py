@@ -90,3 +90,36 @@ def test_cached_family_needs_only_the_extra() -> None:
     [decision] = plan_images([sdxl()], [agent], NOW)
     assert isinstance(decision, Admit)
     assert decision.need_bytes == SDXL - int(7.4 * GIB)
+
+
+def test_young_images_yield_to_a_waiting_llm_request() -> None:
+    config = PolicyConfig(max_hold_s=60, image_yield_s=20)
+    [young] = plan_images([sdxl()], [desktop()], NOW, config, llm_waiting_since=NOW - 3)
+    assert isinstance(young, Hold)
+    assert "LLM request has waited 3 s" in young.reason
+    [old] = plan_images(
+        [sdxl(submitted_at=NOW - 25)], [desktop()], NOW, config, llm_waiting_since=NOW - 3
+    )
+    assert isinstance(old, Admit)
+
+
+def test_a_job_reusing_comfyuis_checkpoint_never_frees_it() -> None:
+    # SDXL cached in ComfyUI, 7b resident and idle: the only way in is to unload the 7b,
+    # because freeing ComfyUI would throw away the weights the job was admitted as reusing.
+    agent = desktop(resident("qwen2.5:7b"), comfy_bytes=6 * GIB, comfy_family="sdxl")
+    job = ImageJob("big", 10 * GIB, "sdxl", 0, NOW - 1)
+    [decision] = plan_images([job], [agent], NOW)
+    assert isinstance(decision, Admit)
+    assert not decision.room.free_comfy
+    assert decision.room.unload == ("qwen2.5:7b",)
+
+
+def test_a_job_larger_than_every_budget_is_marked_impossible() -> None:
+    [decision] = plan_images([ImageJob("huge", 20 * GIB, "flux", 0, NOW)], [desktop()], NOW)
+    assert isinstance(decision, Hold)
+    assert decision.impossible
+    [unhealthy] = plan_images(
+        [ImageJob("huge", 20 * GIB, "flux", 0, NOW)], [desktop(healthy=False)], NOW
+    )
+    assert isinstance(unhealthy, Hold)
+    assert not unhealthy.impossible

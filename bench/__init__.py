@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each prints a table and adds its figures to out/bench.json."""

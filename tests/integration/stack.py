@@ -1,0 +1,209 @@
+"""The whole studio on loopback for integration tests: simulated desktop + agent + controller.
+
+`running_stack()` starts an agent on a `SimDesktop` and a controller that schedules on it, waits
+until the controller sees the agent healthy, and hands back a `Stack` with an authenticated HTTP
+client for the controller. Intervals are small (agent samples every 50 ms, the controller plans
+every 50 ms) so that the scenarios run in well under a second of real time at sim speed 100.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.daemon import RunningController, running_controller
+from controller.engine import Engine
+from controller.settings import AgentEndpoint, ControllerSettings
+from gpu_agent.daemon import RunningAgent, running_agent
+from gpu_agent.settings import AgentSettings
+from gpu_agent.sim.desktop import COMFYUI_PID, SimDesktop
+from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
+from tests.waiting import wait_until
+
+AGENT_NAME = "desk"
+AGENT_TOKEN = "agent-t0ken"
+CONTROLLER_TOKEN = "controller-t0ken"
+AUTH = {"Authorization": f"Bearer {CONTROLLER_TOKEN}"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+# One HTTP call to the controller; generous, since an LLM request may wait for room.
+HTTP_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 5.0
+
+
+def sd15(*, steps: int = 20, seed: int = 1) -> dict[str, Any]:
+    """An SD1.5 text-to-image workflow at its native 512x512."""
+    return text_to_image(SD15, width=512, height=512, steps=steps, seed=seed)
+
+
+def sdxl(*, steps: int = 20, seed: int = 1) -> dict[str, Any]:
+    """An SDXL text-to-image workflow at its native 1024x1024."""
+    return text_to_image(SDXL, width=1024, height=1024, steps=steps, seed=seed)
+
+
+def agent_settings(port: int = 0) -> AgentSettings:
+    """The agent as the tests run it: simulated, sampling every 50 ms, behind a token."""
+    return AgentSettings(
+        port=port,
+        simulate=True,
+        sim_speed=100,
+        sample_interval_s=0.05,
+        stale_after_s=5.0,
+        token=AGENT_TOKEN,
+    )
+
+
+def controller_settings(data_dir: Path, agent_url: str, **overrides: Any) -> ControllerSettings:
+    """The controller as the tests run it; `overrides` are any `ControllerSettings` fields."""
+    values: dict[str, Any] = {
+        "port": 0,
+        "data_dir": data_dir,
+        "agents": [AgentEndpoint(name=AGENT_NAME, url=agent_url, token=AGENT_TOKEN)],
+        "token": CONTROLLER_TOKEN,
+        "tick_interval_s": 0.05,
+        "llm_wait_s": 3.0,
+        "min_residency_s": 0.0,
+        "stale_after_s": 5.0,
+        "request_timeout_s": 5.0,
+        "load_timeout_s": 10.0,
+    }
+    values.update(overrides)
+    return ControllerSettings(**values)
+
+
+@dataclass
+class Stack:
+    """A running desktop, agent and controller, with a client that carries the token."""
+
+    desktop: SimDesktop
+    agent: RunningAgent
+    controller: RunningController
+    http: httpx.AsyncClient
+
+    @property
+    def engine(self) -> Engine:
+        return self.controller.engine
+
+    @property
+    def url(self) -> str:
+        return self.controller.url
+
+    def comfy_bytes(self) -> int:
+        """ComfyUI's process memory on the simulated GPU, as NVML would show it."""
+        return self.desktop.gpu.process_bytes(COMFYUI_PID)
+
+    def resident(self) -> dict[str, tuple[int, int]]:
+        """Loaded runners in the emulated Ollama: name -> (size, size on the GPU)."""
+        return {
+            r.model: (r.size_bytes, r.size_vram_bytes)
+            for r in self.desktop.ollama.runners()
+            if not r.stopping
+        }
+
+    async def submit(self, workflow: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        response = await self.http.post("/v1/images", json={"workflow": workflow, **fields})
+        assert response.status_code == 202, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        response = await self.http.get(f"/v1/images/{job_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def wait_job(
+        self, job_id: str, states: frozenset[str] | str = FINAL_STATES, timeout_s: float = 5.0
+    ) -> dict[str, Any]:
+        """The job once its state is one of `states` (by default: any final state)."""
+        wanted = frozenset({states}) if isinstance(states, str) else states
+
+        async def reached() -> dict[str, Any] | None:
+            job = await self.job(job_id)
+            return job if job["state"] in wanted else None
+
+        result: dict[str, Any] = await wait_until(
+            reached, timeout_s=timeout_s, poll_s=0.01, what=f"job {job_id} in {sorted(wanted)}"
+        )
+        return result
+
+    async def generate(self, model: str, prompt: str = "hello", **body: Any) -> httpx.Response:
+        """A non-streamed `/api/generate` through the controller."""
+        payload = {"model": model, "prompt": prompt, "stream": False, **body}
+        return await self.http.post("/api/generate", json=payload)
+
+    async def fleet(self) -> dict[str, Any]:
+        response = await self.http.get("/v1/fleet")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+
+async def wait_agent_healthy(engine: Engine, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until every agent link has a fresh snapshot that lists the models Ollama offers."""
+
+    def ready() -> bool:
+        for link in engine.links.values():
+            if not link.health()[0] or link.status is None or not link.status.ollama.available:
+                return False
+        return True
+
+    await wait_until(ready, timeout_s=timeout_s, what="the controller to see its agent healthy")
+
+
+@contextlib.asynccontextmanager
+async def running_controller_on(
+    agent_url: str, data_dir: Path, **overrides: Any
+) -> AsyncIterator[tuple[RunningController, httpx.AsyncClient]]:
+    """A controller scheduling on the agent at `agent_url`, ready, with a client."""
+    settings = controller_settings(data_dir, agent_url, **overrides)
+    async with running_controller(settings) as controller:
+        await wait_agent_healthy(controller.engine)
+        async with httpx.AsyncClient(
+            base_url=controller.url, headers=AUTH, timeout=HTTP_TIMEOUT_S, trust_env=False
+        ) as http:
+            yield controller, http
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    desktop: SimDesktop, data_dir: Path, **overrides: Any
+) -> AsyncIterator[Stack]:
+    """An agent on `desktop` (started by the caller) and a controller on it, both ready."""
+    async with (
+        running_agent(agent_settings(), desktop) as agent,
+        running_controller_on(agent.url, data_dir, **overrides) as (controller, http),
+    ):
+        yield Stack(desktop=desktop, agent=agent, controller=controller, http=http)
+
+
+async def ndjson_lines(response: httpx.Response) -> list[dict[str, Any]]:
+    """Every JSON object of an NDJSON response, read to its end."""
+    lines = []
+    async for line in response.aiter_lines():
+        if line.strip():
+            lines.append(json.loads(line))
+    return lines
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server started in another process)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def drain(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` if it is still running and wait for it to end."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
