@@ -137,7 +137,7 @@ class LlmRouter:
             if token is not None:
                 book.release(token)
             engine.pulse.fire()
-        log.info("route: %s", choice.reason)
+        log.debug("route: %s", choice.reason)
         self.in_flight += 1
         return Route(choice.agent, choice.model, choice.reason, link, choice.load)
 
