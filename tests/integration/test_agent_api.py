@@ -28,6 +28,7 @@ from gpu_agent.schema import AgentEvent, AgentStatus, LoadResult, UnloadResult
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.gpu import GIB, MIB
+from gpu_agent.sim.workflows import SD15, text_to_image
 from tests.waiting import wait_until
 
 TOKEN = "test-token-0123456789abcdef"
@@ -36,7 +37,6 @@ GPU_NAME = "NVIDIA GeForce RTX 4070 SUPER"
 QWEN = "qwen2.5:7b"
 # 5.25 GiB at the default 4096-token context (hardware-figures.md, Ollama footprints).
 QWEN_VRAM_BYTES = int(5.25 * GIB)
-SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 # Flux runs about 2.5 simulated seconds a step: slow enough to be caught while it runs.
 FLUX = "flux1-schnell-fp8.safetensors"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,32 +73,7 @@ def api_client(agent: RunningAgent, **headers: str) -> httpx.AsyncClient:
 
 def txt2img(*, steps: int = 20, ckpt: str = SD15, size: int = 512, seed: int = 1) -> dict[str, Any]:
     """ComfyUI's default text-to-image graph, in API format."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "5": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": size, "height": size, "batch_size": 1},
-        },
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": seed,
-                "steps": steps,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "fox", "images": ["8", 0]}},
-    }
+    return text_to_image(ckpt, width=size, height=size, steps=steps, seed=seed, prefix="fox")
 
 
 def slow_txt2img(steps: int = 400) -> dict[str, Any]:

@@ -40,11 +40,11 @@ from gpu_agent.schema import (
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.server import LoopbackServer
+from gpu_agent.sim.workflows import SD15, text_to_image
 from tests.waiting import wait_until
 
 TOKEN = "t0ken-123"
 MODEL = "llama3.2:3b"
-SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINAL_STATES = frozenset({"succeeded", "failed", "interrupted", "cancelled", "unknown"})
 
@@ -128,35 +128,7 @@ def image_workflow(color: int = 0x3366CC) -> dict[str, Any]:
 
 def txt2img(steps: int) -> dict[str, Any]:
     """ComfyUI's default text-to-image workflow in API format, on SD 1.5."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
-        "5": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": 512, "height": 512, "batch_size": 1},
-        },
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": 7,
-                "steps": steps,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {
-            "class_type": "SaveImage",
-            "inputs": {"images": ["8", 0], "filename_prefix": "link-test"},
-        },
-    }
+    return text_to_image(SD15, width=512, height=512, steps=steps, seed=7, prefix="link-test")
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.comfyui import ComfyUIEmulator
 from gpu_agent.sim.gpu import GIB, SimGpu
 from gpu_agent.sim.server import LoopbackServer
+from gpu_agent.sim.workflows import SD15, text_to_image
 
 SPEED = 100.0
-SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 # Flux runs about 2.5 s a step here (25 ms real): slow enough to be caught mid-run, and its
 # progress messages are few, which keeps the emulator's websocket publisher mostly idle.
 FLUX = "flux1-schnell-fp8.safetensors"
@@ -59,35 +59,7 @@ def txt2img(
     *, steps: int = 20, width: int = 512, height: int = 512, seed: int = 1, ckpt: str = SD15
 ) -> dict[str, Any]:
     """ComfyUI's default text-to-image workflow, in API format."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "5": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": width, "height": height, "batch_size": 1},
-        },
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": seed,
-                "steps": steps,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {
-            "class_type": "SaveImage",
-            "inputs": {"filename_prefix": "fox", "images": ["8", 0]},
-        },
-    }
+    return text_to_image(ckpt, width=width, height=height, steps=steps, seed=seed, prefix="fox")
 
 
 def slow_txt2img() -> dict[str, Any]:
