@@ -140,6 +140,12 @@ class Stack:
         payload = {"model": model, "prompt": prompt, "stream": False, **body}
         return await self.http.post("/api/generate", json=payload)
 
+    async def submit_unplaceable(self) -> dict[str, Any]:
+        """A job that fits the card's budget on paper but never fits beside the desktop
+        session's own memory, so it stays held (with its reason) until cancelled."""
+        budget_bytes = (await self.fleet())["agents"][0]["budget_bytes"]
+        return await self.submit(sd15(), vram_bytes=budget_bytes)
+
     async def fleet(self) -> dict[str, Any]:
         response = await self.http.get("/v1/fleet")
         assert response.status_code == 200, response.text

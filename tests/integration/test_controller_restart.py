@@ -1,0 +1,286 @@
+"""The controller restarted mid-work: every accepted job ends exactly once, nothing runs twice.
+
+Jobs live in the controller's SQLite store and carry a prompt id fixed at creation; the agent
+asks ComfyUI about that id before posting it again. So after a graceful stop, and after a
+SIGKILL of the controller's process, a restart on the same data directory finds every job,
+follows the ones ComfyUI ran meanwhile and dispatches the rest, and ComfyUI runs each prompt
+once. The agent and the simulated desktop stay up in the test process the whole time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gpu_agent.daemon import RunningAgent, running_agent
+from gpu_agent.sim.desktop import SimDesktop
+from tests.integration.stack import (
+    AGENT_TOKEN,
+    AUTH,
+    CONTROLLER_TOKEN,
+    FINAL_STATES,
+    PNG_SIGNATURE,
+    agent_settings,
+    free_port,
+    running_controller_on,
+    sd15,
+    sdxl,
+)
+from tests.waiting import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMALL = "llama3.2:3b"
+START_TIMEOUT_S = 20.0
+LISTENING = re.compile(r"gpu-controller listening on (\S+)")
+
+
+@pytest.fixture
+async def agent(desktop: SimDesktop) -> AsyncIterator[RunningAgent]:
+    async with running_agent(agent_settings(), desktop) as running:
+        yield running
+
+
+async def job_of(http: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    response = await http.get(f"/v1/images/{job_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def states_of(http: httpx.AsyncClient, job_ids: list[str]) -> dict[str, str]:
+    return {job_id: (await job_of(http, job_id))["state"] for job_id in job_ids}
+
+
+async def submit_all(http: httpx.AsyncClient, workflows: list[dict[str, Any]]) -> list[str]:
+    job_ids = []
+    for workflow in workflows:
+        response = await http.post("/v1/images", json={"workflow": workflow})
+        assert response.status_code == 202, response.text
+        job_ids.append(response.json()["id"])
+    return job_ids
+
+
+async def wait_all_final(
+    http: httpx.AsyncClient, job_ids: list[str], timeout_s: float = 10.0
+) -> dict[str, dict[str, Any]]:
+    async def all_final() -> dict[str, dict[str, Any]] | None:
+        jobs = {job_id: await job_of(http, job_id) for job_id in job_ids}
+        return jobs if all(j["state"] in FINAL_STATES for j in jobs.values()) else None
+
+    result: dict[str, dict[str, Any]] = await wait_until(
+        all_final, timeout_s=timeout_s, poll_s=0.02, what="every job to end"
+    )
+    return result
+
+
+async def assert_each_succeeded_once(
+    http: httpx.AsyncClient, desktop: SimDesktop, jobs: dict[str, dict[str, Any]]
+) -> None:
+    """Every job succeeded with its output on disk, and ComfyUI ran exactly one prompt each."""
+    for job_id, job in jobs.items():
+        assert job["state"] == "succeeded", job
+        assert job["outputs"] == [f"/v1/images/{job_id}/outputs/0"]
+        output = await http.get(job["outputs"][0])
+        assert output.status_code == 200
+        assert output.content.startswith(PNG_SIGNATURE)
+    stats = desktop.comfyui.stats
+    assert stats.prompts_run == len(jobs)
+    assert stats.succeeded == len(jobs)
+    assert stats.failed_oom == 0
+
+
+# -- graceful stop and start --------------------------------------------------------------------
+
+
+async def test_restart_resumes_held_and_running_jobs_and_keeps_learned_values(
+    desktop: SimDesktop, agent: RunningAgent, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "controller"
+    workflows = [sdxl(steps=80, seed=1), sd15(seed=2), sdxl(steps=20, seed=3), sd15(seed=4)]
+
+    async with running_controller_on(agent.url, data_dir) as (_, http):
+        answer = await http.post(
+            "/api/generate",
+            json={
+                "model": SMALL,
+                "prompt": "x" * 400,
+                "stream": False,
+                "options": {"num_predict": 32},
+            },
+        )
+        assert answer.status_code == 200
+        job_ids = await submit_all(http, workflows)
+        first = job_ids[0]
+
+        async def one_running_others_held() -> dict[str, str] | None:
+            states = await states_of(http, job_ids)
+            running = [s for s in states.values() if s in ("dispatched", "running")]
+            return states if running and "held" in states.values() else None
+
+        at_stop = await wait_until(one_running_others_held, what="a job running, others held")
+        assert at_stop[first] in ("dispatched", "running")
+        before = (await http.get("/v1/models")).json()
+        learned_speed = next(m for m in before["models"] if m["name"] == SMALL)
+        assert learned_speed["samples"] == 1
+
+    async with running_controller_on(agent.url, data_dir) as (controller, http):
+        after = (await http.get("/v1/models")).json()
+        small = next(m for m in after["models"] if m["name"] == SMALL)
+        # Learned values came back from the store before anything new was measured.
+        assert small["samples"] == 1
+        assert small["measured"] is True
+        assert small["decode_tokens_per_s"] == learned_speed["decode_tokens_per_s"]
+
+        jobs = await wait_all_final(http, job_ids)
+        await assert_each_succeeded_once(http, desktop, jobs)
+        # The job that was out on the agent was followed, not dispatched again.
+        assert jobs[first]["attempts"] == 1
+        assert controller.engine.images.counts() == {"succeeded": len(job_ids)}
+        footprints = (await http.get("/v1/models")).json()["image_footprints_bytes"]
+        assert set(footprints) == {"sdxl:1024x1024x1", "sd15:512x512x1"}
+
+
+# -- SIGKILL of the controller's process ---------------------------------------------------------
+
+
+class ControllerProcess:
+    """`python -m controller.cli run` in a child process, on a fixed port and config."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self._config = config
+        self._port = port
+        self._log = log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> str:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GPU_CONTROLLER_") and k != "GPU_AGENT_TOKEN"
+        }
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        with self._log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "run",
+                "--config",
+                str(self._config),
+                "--port",
+                str(self._port),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                cwd=REPO_ROOT,
+                env=env,
+            )
+        assert self.process.stdout is not None
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while True:
+                line = await self.process.stdout.readline()
+                if not line:
+                    raise AssertionError(f"controller exited at start; see {self._log}")
+                match = LISTENING.search(line.decode())
+                if match:
+                    return match.group(1)
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs at all."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(10.0):
+            code = await self.process.wait()
+        assert code == -signal.SIGKILL
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10.0):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+def write_config(path: Path, agent_url: str, data_dir: Path) -> None:
+    path.write_text(
+        f"""
+host = "127.0.0.1"
+data_dir = "{data_dir}"
+token = "{CONTROLLER_TOKEN}"
+tick_interval_s = 0.05
+min_residency_s = 0.0
+stale_after_s = 5.0
+request_timeout_s = 5.0
+log_level = "INFO"
+
+[[agents]]
+name = "desk"
+url = "{agent_url}"
+token = "{AGENT_TOKEN}"
+"""
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_sigkill_mid_run_loses_nothing_and_runs_nothing_twice(
+    desktop: SimDesktop, agent: RunningAgent, tmp_path: Path
+) -> None:
+    config = tmp_path / "controller.toml"
+    write_config(config, agent.url, tmp_path / "controller")
+    port = free_port()
+    workflows = [
+        sdxl(steps=60, seed=1),
+        sd15(steps=40, seed=2),
+        sdxl(steps=30, seed=3),
+        sd15(steps=30, seed=4),
+        sdxl(steps=30, seed=5),
+    ]
+    first = ControllerProcess(config, port, tmp_path / "first.log")
+    second = ControllerProcess(config, port, tmp_path / "second.log")
+    try:
+        url = await first.start()
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10.0) as http:
+            await wait_until(
+                lambda: _agent_healthy(http), timeout_s=10.0, what="the agent to be healthy"
+            )
+            job_ids = await submit_all(http, workflows)
+
+            async def some_out() -> dict[str, str] | None:
+                states = await states_of(http, job_ids)
+                out = [s for s in states.values() if s in ("dispatched", "running")]
+                return states if out and "held" in states.values() else None
+
+            at_kill = await wait_until(some_out, what="a job out on the agent, others held")
+            await first.kill()
+        assert desktop.comfyui.stats.prompts_run < len(workflows), at_kill
+
+        url = await second.start()
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10.0) as http:
+            jobs = await wait_all_final(http, job_ids, timeout_s=20.0)
+            assert set(jobs) == set(job_ids)
+            await assert_each_succeeded_once(http, desktop, jobs)
+            fleet = (await http.get("/v1/fleet")).json()
+            assert fleet["jobs_by_state"] == {"succeeded": len(job_ids)}
+            assert fleet["held_jobs"] == []
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def _agent_healthy(http: httpx.AsyncClient) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        fleet = (await http.get("/v1/fleet")).json()
+        return bool(fleet["agents"]) and all(a["healthy"] for a in fleet["agents"])
+    return False
