@@ -65,7 +65,7 @@ MODEL_SHAPES: tuple[tuple[str, int, str], ...] = (
 )
 
 NOW_S = 10_000.0
-AGENT_COUNTS = (1, 10, 50)
+AGENT_COUNTS = (1, 10, 20, 50)
 MODELS = 20
 HELD_JOBS = 20
 WARMUP_CALLS = 20
