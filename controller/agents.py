@@ -181,6 +181,8 @@ class AgentLink:
         self._snapshot_seq = 0
         self._message_at: float | None = None
         self._connected = False
+        # Event streams opened so far: a change tells a listener that events may have been missed.
+        self._streams_opened = 0
         # When the link last lost (or first tried) the stream, and why; None while connected.
         self._down_since: float | None = None
         self._down_reason: str | None = "not started"
@@ -229,6 +231,12 @@ class AgentLink:
     def connected(self) -> bool:
         """Whether the event stream is open now."""
         return self._connected
+
+    @property
+    def streams_opened(self) -> int:
+        """How many times the event stream has been opened; events sent while it was closed
+        were missed."""
+        return self._streams_opened
 
     def age_s(self) -> float | None:
         """Seconds since the latest message of any type on the stream; None before the first."""
@@ -351,6 +359,7 @@ class AgentLink:
     def _set_up(self) -> None:
         if not self._connected:
             log.info("agent %s: event stream connected (%s)", self.name, self._events_url)
+        self._streams_opened += 1
         self._connected = True
         self._down_since = None
         self._down_reason = None

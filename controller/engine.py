@@ -24,13 +24,26 @@ from controller.ledger import AgentBook, agent_state
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo, ModelInfo, ModelsInfo
 from controller.settings import ControllerSettings
 from controller.store import AsyncJobStore
-from gpu_agent.schema import AgentEvent, AvailableModelInfo
+from gpu_agent.schema import AgentEvent, AgentStatus, AvailableModelInfo
 
 log = logging.getLogger(__name__)
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def service_trouble(status: AgentStatus | None) -> str | None:
+    """Why part of a healthy agent cannot serve: its Ollama or its ComfyUI does not answer.
+    The agent still takes the work the other one can do, so this does not make it unhealthy."""
+    if status is None:
+        return None
+    troubles = []
+    if not status.ollama.reachable:
+        troubles.append(f"Ollama unreachable: {status.ollama.error or 'no reason given'}")
+    if not status.comfyui.reachable:
+        troubles.append("ComfyUI unreachable")
+    return "; ".join(troubles) or None
 
 
 class Pulse:
@@ -88,6 +101,8 @@ class Engine:
                 monotonic=clock,
             )
         self.books = {name: AgentBook(name) for name in self.links}
+        # Per agent, the link's stream count at its latest snapshot (see `_on_agent_event`).
+        self._streams_seen = {name: 0 for name in self.links}
         self.plan_lock = asyncio.Lock()
         # Actions on one agent (unloads, frees, loads) run one at a time, in decision order.
         self.action_locks = {name: asyncio.Lock() for name in self.links}
@@ -112,6 +127,12 @@ class Engine:
     def _on_agent_event(self, agent: str, event: AgentEvent) -> None:
         if event.type == "snapshot" and event.status is not None:
             self.books[agent].observe(event.status, self.clock())
+            opened = self.links[agent].streams_opened
+            if opened != self._streams_seen[agent]:
+                # A new stream: prompt events sent while there was none (a cut link, an agent
+                # restart) were missed, so the jobs out there are asked about now.
+                self._streams_seen[agent] = opened
+                self.images.agent_reconnected(agent)
         elif event.type == "prompt" and event.prompt is not None:
             self.images.on_prompt(agent, event.prompt)
         self.pulse.fire()
@@ -194,7 +215,7 @@ class Engine:
                     name=state.name,
                     url=link.url,
                     healthy=state.healthy,
-                    reason=state.unhealthy_reason,
+                    reason=state.unhealthy_reason or service_trouble(status),
                     connected=link.connected,
                     age_s=round(age, 3) if age is not None else None,
                     budget_bytes=state.budget_bytes,

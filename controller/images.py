@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -43,6 +44,19 @@ RECONCILE_EVERY_S = 1.0
 OOM_GROWTH = 1.25
 
 
+def attempt_prompt_id(record: JobRecord) -> str:
+    """The ComfyUI prompt id of the job's current attempt.
+
+    The first attempt uses the id fixed when the job was created; each retry gets its own id,
+    derived from it, because ComfyUI (and the agent) remember an id's outcome and would answer
+    a retry under the old id with the old failure. Derived, not stored, so it is the same after a
+    restart, and resubmitting it stays idempotent.
+    """
+    if record.attempts <= 1:
+        return record.prompt_id
+    return str(uuid.uuid5(uuid.UUID(record.prompt_id), f"attempt-{record.attempts}"))
+
+
 def _safe_name(filename: str) -> str:
     name = "".join(ch for ch in Path(filename).name if ch.isalnum() or ch in "._-")
     return name or "output"
@@ -60,6 +74,7 @@ class ImageScheduler:
         self._counts: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._reconcile_soon = False
         self.outputs_dir = engine.settings.data_dir / "outputs"
         from controller.engine import Pulse
 
@@ -73,7 +88,7 @@ class ImageScheduler:
         now = engine.clock()
         for record in await engine.store.unfinished():
             self._jobs[record.job_id] = record
-            self._by_prompt[record.prompt_id] = record.job_id
+            self._by_prompt[attempt_prompt_id(record)] = record.job_id
             if record.state in ("dispatched", "running") and record.agent in engine.books:
                 # Hold its memory until the agent tells us how it ended; ask it at once.
                 peak = self.expected_peak(record)
@@ -106,7 +121,8 @@ class ImageScheduler:
             mark = engine.pulse.mark()
             try:
                 await self._schedule()
-                if engine.clock() - last_reconcile >= RECONCILE_EVERY_S:
+                if self._reconcile_soon or engine.clock() - last_reconcile >= RECONCILE_EVERY_S:
+                    self._reconcile_soon = False
                     last_reconcile = engine.clock()
                     await self._reconcile()
             except asyncio.CancelledError:
@@ -220,7 +236,7 @@ class ImageScheduler:
             return await self._set(record, state="cancelled", reason="cancelled by the caller")
         assert record.agent is not None
         self._cancelling.add(job_id)
-        prompt = await self._engine.links[record.agent].cancel(record.prompt_id)
+        prompt = await self._engine.links[record.agent].cancel(attempt_prompt_id(record))
         await self._apply(job_id, record.agent, prompt)
         return await self.get(job_id)
 
@@ -342,6 +358,7 @@ class ImageScheduler:
                 reason=decision.reason,
                 attempts=record.attempts + 1,
             )
+            self._by_prompt[attempt_prompt_id(updated)] = record.job_id
             self._last_news[record.job_id] = engine.clock()
             self._spawn(self._dispatch(updated, decision))
         for record, reason in holds:
@@ -365,7 +382,7 @@ class ImageScheduler:
                 if not admit.room.empty:
                     # The marks below come off only once the status shows the changes.
                     await engine.refresh(admit.agent)
-            prompt = await link.submit(record.workflow, record.prompt_id)
+            prompt = await link.submit(record.workflow, attempt_prompt_id(record))
         except AgentRejected as exc:
             if exc.status == 400:
                 engine.books[admit.agent].finish_image(None)
@@ -407,6 +424,14 @@ class ImageScheduler:
 
     # -- following ------------------------------------------------------------------------
 
+    def agent_reconnected(self, agent: str) -> None:
+        """The event stream from `agent` (re)opened: news of its jobs may have been lost
+        meanwhile, so the next pass asks it about each of them instead of waiting `QUIET_S`."""
+        for record in self._jobs.values():
+            if record.agent == agent and record.state in ("dispatched", "running"):
+                self._last_news[record.job_id] = -math.inf
+                self._reconcile_soon = True
+
     def on_prompt(self, agent: str, prompt: PromptInfo) -> None:
         job_id = self._by_prompt.get(prompt.prompt_id)
         if job_id is not None and job_id in self._jobs:
@@ -425,6 +450,8 @@ class ImageScheduler:
         record = self._jobs.get(job_id)
         if record is None or record.final or record.agent != agent:
             return
+        if prompt.prompt_id != attempt_prompt_id(record):
+            return  # news of an earlier attempt, which has been settled already
         engine = self._engine
         self._last_news[job_id] = engine.clock()
         self._progress[job_id] = ProgressInfo(
@@ -493,7 +520,7 @@ class ImageScheduler:
         folder = self.outputs_dir / record.job_id
         names = []
         for index in range(count):
-            data, filename, _ = await link.output(record.prompt_id, index)
+            data, filename, _ = await link.output(attempt_prompt_id(record), index)
             name = f"{index:02d}-{_safe_name(filename)}"
             await asyncio.to_thread(_write_file, folder / name, data)
             names.append(name)
@@ -518,11 +545,11 @@ class ImageScheduler:
             if not healthy:
                 continue  # its jobs wait for it
             try:
-                prompt = await link.prompt(record.prompt_id)
+                prompt = await link.prompt(attempt_prompt_id(record))
                 if prompt is None:
                     # The agent restarted and forgot it; the same id again is safe (it asks
                     # ComfyUI first), and runs it only if ComfyUI never had it.
-                    prompt = await link.submit(record.workflow, record.prompt_id)
+                    prompt = await link.submit(record.workflow, attempt_prompt_id(record))
             except AgentRejected as exc:
                 await self._set(
                     record,

@@ -37,6 +37,8 @@ class ControllerCollector(Collector):
         draining = gauge(
             "agent_draining", "1 while a starving image job blocks new loads", ["agent"]
         )
+        ollama_up = gauge("agent_ollama_up", "1 when the agent's Ollama answers", ["agent"])
+        comfyui_up = gauge("agent_comfyui_up", "1 when the agent's ComfyUI answers", ["agent"])
         for state in states:
             link = engine.links[state.name]
             healthy.add_metric([state.name], 1.0 if state.healthy else 0.0)
@@ -47,7 +49,11 @@ class ControllerCollector(Collector):
             seconds = link.age_s()
             age.add_metric([state.name], seconds if seconds is not None else float("nan"))
             draining.add_metric([state.name], 1.0 if state.held_image_since is not None else 0.0)
-        yield from (healthy, budget, used, pending, free, age, draining)
+            status = link.status
+            if status is not None:
+                ollama_up.add_metric([state.name], 1.0 if status.ollama.reachable else 0.0)
+                comfyui_up.add_metric([state.name], 1.0 if status.comfyui.reachable else 0.0)
+        yield from (healthy, budget, used, pending, free, age, draining, ollama_up, comfyui_up)
 
         jobs = gauge("image_jobs", "Image jobs by state", ["state"])
         for state_name, count in engine.images.counts().items():
