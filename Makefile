@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck pytest sim clean
+.PHONY: demo test bench load security-report lint typecheck pytest sim clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# 500 streamed LLM requests and 1,000 image jobs at once through the controller; out/load.json.
+load: $(STAMP)
+	$(BIN)/python -m bench.load
+
+# Runs the fault and hostile-input tests and rewrites the table in SECURITY.md.
+security-report: $(STAMP)
+	$(BIN)/python -m tools.security_report
 
 sim: $(STAMP)
 	$(BIN)/gpu-agent sim

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import uuid
@@ -361,8 +362,14 @@ class ImageScheduler:
             self._by_prompt[attempt_prompt_id(updated)] = record.job_id
             self._last_news[record.job_id] = engine.clock()
             self._spawn(self._dispatch(updated, decision))
-        for record, reason in holds:
-            await self._set(record, reason=reason)
+        if holds:
+            # A held job's reason changes with every pass (what runs, what is free, how long it
+            # waited): it is served from memory, not written to the store each time. A restart
+            # recomputes it on the first pass.
+            for record, reason in holds:
+                if record.job_id in self._jobs:
+                    self._jobs[record.job_id] = dataclasses.replace(record, reason=reason)
+            self.changes.fire()
         for record, reason in impossible:
             await self._set(record, state="failed", reason=reason, error=reason)
 
