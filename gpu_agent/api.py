@@ -1,18 +1,22 @@
 """The agent's HTTP API (adapter layer): aiohttp app factory, auth, limits, errors, pass-through.
 
 Every error leaves as JSON `{"error": {"code", "message"}}` with a fitting status; conversion
-happens once, in `error_middleware`. Every route but `/healthz` needs `Authorization: Bearer
-<token>` when a token is configured; the comparison is constant-time.
+happens once, in `error_middleware`. Every route but `/healthz` and `/openapi.json` needs
+`Authorization: Bearer <token>` when a token is configured; the comparison is constant-time.
+Before that, every request's Host and Origin are checked (`gpu_agent.allowed_hosts`), and
+`/openapi.json` describes every route (`gpu_agent.openapi`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import re
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, TypeVar
 
 import httpx
@@ -20,6 +24,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
+from gpu_agent import __version__
+from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
 from gpu_agent.errors import (
     BadRequest,
     ComfyUIError,
@@ -32,13 +38,20 @@ from gpu_agent.errors import (
     WorkflowRejected,
 )
 from gpu_agent.metrics import make_registry, render
+from gpu_agent.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
 from gpu_agent.schema import (
+    AgentEvent,
+    AgentStatus,
     ErrorBody,
     ErrorResponse,
     FreeRequest,
+    FreeResult,
     LoadRequest,
+    LoadResult,
+    PromptInfo,
     PromptSubmit,
     UnloadRequest,
+    UnloadResult,
 )
 from gpu_agent.service import AgentService
 
@@ -51,6 +64,14 @@ EVENT_STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet[web.WebSocketRes
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 
+# Routes that answer without a token: liveness, and the description of the API.
+PUBLIC_PATHS = frozenset({"/healthz", OPENAPI_PATH})
+# ComfyUI prompt ids are UUIDs; anything else cannot name a prompt and must not reach a URL.
+_PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_WORKFLOW_NODES = 2000
+"""The most nodes a workflow may have. Real graphs have tens to a few hundred; ComfyUI checks a
+graph recursively and keeps every output, so a far larger one is refused up front with a 400
+instead of tying up the queue (and, for the controller, the output copy) for minutes."""
 # Ollama endpoints whose requests name a model and occupy it while they run.
 _MODEL_ROUTES = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
 # Hop-by-hop and framing headers never copied through the pass-through.
@@ -116,19 +137,58 @@ def _error_details(exc: GpuAgentError) -> dict[str, Any] | None:
     return details if isinstance(details, dict) else None
 
 
-def auth_middleware(token: str | None) -> Callable[..., Any]:
+def token_matches(given: str, expected: bytes) -> bool:
+    """Whether the `Authorization` value `given` equals `expected`, in constant time.
+
+    Both sides are hashed first, so the comparison sees two 32-byte values whatever the
+    lengths: the time depends neither on how much of the token is right nor on its length.
+    """
+    given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    return hmac.compare_digest(given_digest, hashlib.sha256(expected).digest())
+
+
+def auth_middleware(
+    token: str | None, *, public_paths: Collection[str] = PUBLIC_PATHS
+) -> Callable[..., Any]:
+    """aiohttp middleware requiring `Authorization: Bearer <token>` outside `public_paths`."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and request.path != "/healthz":
-            given = request.headers.get("Authorization", "").encode()
-            # compare_digest takes time independent of where the strings differ.
-            if not hmac.compare_digest(given, expected):
-                raise Unauthorized("missing or wrong bearer token")
+        if (
+            expected is not None
+            and request.path not in public_paths
+            and not token_matches(request.headers.get("Authorization", ""), expected)
+        ):
+            raise Unauthorized("missing or wrong bearer token")
         return await handler(request)
 
     return middleware
+
+
+def _reject_constant(name: str) -> Any:
+    # JSON has no NaN or Infinity; Python's parser accepts them, and they would travel on.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value in `raw`, or BadRequest saying why not.
+
+    Stricter than `json.loads` where a lax parse would fail later, far from the request:
+    no NaN or Infinity, no unpaired UTF-16 surrogates (they cannot be stored or re-encoded as
+    UTF-8), and nesting too deep to walk is an error, not a crash.
+    """
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+        # Re-encoding finds the lone surrogates that "\\ud800" escapes leave in strings.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except RecursionError as exc:
+        raise BadRequest("body is nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        raise BadRequest("body has a string that is not valid Unicode (a lone surrogate)") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    return data
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:
@@ -136,18 +196,27 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     raw = await request.read()
     if not raw:
         raise BadRequest("missing request body")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    data = parse_json(raw)
     try:
         return model.model_validate(data)
+    except RecursionError as exc:
+        raise BadRequest("body is nested too deeply") from exc
     except ValidationError as exc:
+        errors = exc.errors()
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc'])[:100] or 'body'}: {err['msg']}"
+            for err in errors[:10]
         )
-        raise BadRequest(f"invalid {model.__name__}: {problems}") from exc
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise BadRequest(f"invalid {model.__name__}: {problems}{more}") from exc
+
+
+def check_workflow_size(workflow: dict[str, Any]) -> None:
+    """BadRequest when `workflow` has more than `MAX_WORKFLOW_NODES` nodes."""
+    if len(workflow) > MAX_WORKFLOW_NODES:
+        raise BadRequest(
+            f"workflow has {len(workflow)} nodes; at most {MAX_WORKFLOW_NODES} are accepted"
+        )
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
@@ -183,7 +252,10 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 if getter not in done:
                     getter.cancel()
                     break
-                await ws.send_str(getter.result().model_dump_json())
+                try:
+                    await ws.send_str(getter.result().model_dump_json())
+                except ConnectionResetError:
+                    break  # the follower went away between two events; nothing to report
         finally:
             reader.cancel()
     await ws.close()
@@ -216,14 +288,15 @@ async def ollama_unload(request: web.Request) -> web.Response:
 
 async def submit_prompt(request: web.Request) -> web.Response:
     body = await read_model(request, PromptSubmit)
+    check_workflow_size(body.workflow)
     info = await request.app[SERVICE_KEY].submit_prompt(body.workflow, body.prompt_id)
     return _json(info, status=202)
 
 
 def _prompt_id(request: web.Request) -> str:
     prompt_id = request.match_info["prompt_id"]
-    if len(prompt_id) > 64:
-        raise BadRequest("prompt id is too long")
+    if not _PROMPT_ID.match(prompt_id):
+        raise BadRequest("prompt id must be 1 to 64 letters, digits, '-' or '_'")
     return prompt_id
 
 
@@ -270,6 +343,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
     """Forward `/api/*` to Ollama, streaming the answer chunk by chunk as it arrives."""
     service = request.app[SERVICE_KEY]
+    # Only /api/* may reach Ollama: a dot segment ("..", or "%2e%2e" once decoded) would let
+    # the upstream URL climb out of it.
+    if any(segment in (".", "..") for segment in request.path.split("/")):
+        raise BadRequest("path must not contain '.' or '..' segments")
     body = await request.read()
     model: str | None = None
     if request.path in _MODEL_ROUTES and body:
@@ -293,8 +370,13 @@ async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
     with service.track_request(model):
         try:
             upstream = await client.send(upstream_request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise OllamaUnavailable(
+                f"Ollama did not answer {request.method} {request.path} in time "
+                f"({type(exc).__name__}; load timeout {service.ollama.load_timeout_s:g} s)"
+            ) from exc
         except httpx.HTTPError as exc:
-            raise OllamaUnavailable(f"cannot reach Ollama: {exc}") from exc
+            raise OllamaUnavailable(f"cannot reach Ollama: {exc!r}") from exc
         try:
             response = web.StreamResponse(status=upstream.status_code)
             for name in ("Content-Type",):
@@ -320,11 +402,23 @@ async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
             await upstream.aclose()
 
 
-def create_app(service: AgentService, *, token: str | None, max_body_bytes: int) -> web.Application:
-    """The agent's aiohttp application. The caller owns `service`'s lifecycle."""
+def create_app(
+    service: AgentService,
+    *,
+    token: str | None,
+    max_body_bytes: int,
+    allowed_hosts: Iterable[str] = (),
+    bind_host: str | None = None,
+) -> web.Application:
+    """The agent's aiohttp application. The caller owns `service`'s lifecycle.
+
+    `allowed_hosts` and `bind_host` widen the names a request's Host and Origin may carry
+    (`gpu_agent.allowed_hosts.HostPolicy`).
+    """
+    policy = HostPolicy(allowed_hosts, bind_host=bind_host)
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(token)],
+        middlewares=[error_middleware, host_check_middleware(policy), auth_middleware(token)],
     )
     app[SERVICE_KEY] = service
     app[REGISTRY_KEY] = make_registry(service)
@@ -342,7 +436,73 @@ def create_app(service: AgentService, *, token: str | None, max_body_bytes: int)
     app.router.add_post("/v1/comfyui/free", comfyui_free)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/api/{tail:.*}", ollama_passthrough)
+    add_openapi_route(
+        app,
+        ROUTE_DOCS,
+        title="gpu-agent",
+        version=__version__,
+        description="The GPU desktop's agent: telemetry, Ollama and ComfyUI control.",
+        token_required=token is not None,
+    )
     return app
+
+
+ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
+    ("GET", "/healthz"): RouteDoc("Liveness and telemetry status", public=True, errors=()),
+    ("GET", OPENAPI_PATH): RouteDoc("This document", public=True, errors=()),
+    ("GET", "/v1/status"): RouteDoc("One snapshot of the desktop", response=AgentStatus, errors=()),
+    ("GET", "/v1/events"): RouteDoc(
+        "Websocket: every message is an AgentEvent (snapshots, prompt and model events)",
+        response=AgentEvent,
+        status=101,
+        errors=(400,),
+    ),
+    ("POST", "/v1/ollama/load"): RouteDoc(
+        "Load a model; answers once it is resident",
+        request=LoadRequest,
+        response=LoadResult,
+        errors=(400, 404, 502, 503),
+    ),
+    ("POST", "/v1/ollama/unload"): RouteDoc(
+        "Unload a model; answers once NVML shows the memory back",
+        request=UnloadRequest,
+        response=UnloadResult,
+        errors=(400, 404, 409, 502, 503, 504),
+    ),
+    ("POST", "/v1/comfyui/prompts"): RouteDoc(
+        "Queue a workflow on ComfyUI (idempotent on prompt_id)",
+        request=PromptSubmit,
+        response=PromptInfo,
+        status=202,
+        errors=(400, 502, 503),
+    ),
+    ("GET", "/v1/comfyui/prompts/{prompt_id}"): RouteDoc(
+        "A prompt's state", response=PromptInfo, errors=(400, 404)
+    ),
+    ("DELETE", "/v1/comfyui/prompts/{prompt_id}"): RouteDoc(
+        "Cancel a prompt", response=PromptInfo, errors=(400, 404, 502, 503)
+    ),
+    ("GET", "/v1/comfyui/prompts/{prompt_id}/outputs/{index}"): RouteDoc(
+        "The n-th output file of a prompt",
+        content_type="application/octet-stream",
+        errors=(400, 404, 502, 503),
+    ),
+    ("POST", "/v1/comfyui/free"): RouteDoc(
+        "Free ComfyUI's memory; answers once it is released (empty body: free everything)",
+        request=FreeRequest,
+        request_optional=True,
+        response=FreeResult,
+        errors=(400, 502, 503, 504),
+    ),
+    ("GET", "/metrics"): RouteDoc(
+        "Prometheus metrics", content_type="text/plain; version=0.0.4", errors=()
+    ),
+    ("*", "/api/{tail}"): RouteDoc(
+        "Ollama's own API, passed through and streamed",
+        content_type="application/x-ndjson",
+        errors=(400, 503),
+    ),
+}
 
 
 __all__ = ["ComfyUIError", "create_app"]
