@@ -3,7 +3,9 @@
 Existing Ollama clients work unchanged against `/api/*`: the controller picks the agent and the
 model (for `auto`, `auto:fast`, `auto:quality`), makes room, and streams the agent's answer through
 chunk by chunk. Response headers name the choice (`X-GPU-Model`, `X-GPU-Agent`, `X-GPU-Reason`).
-When nothing can serve within limits: 503 with `Retry-After` and the reason.
+When nothing can serve within limits: 503 with `Retry-After` and the reason. Host and Origin
+are checked on every request (`gpu_agent.allowed_hosts`); `/openapi.json` describes every route
+(`gpu_agent.openapi`) and, like `/healthz`, needs no token.
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from controller import __version__
 from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest
+from controller.domain.workflows import image_key
 from controller.engine import Engine
 from controller.errors import AgentError, BadRequest, ControllerError, NoCapacity, NotFound
 from controller.metrics import make_registry, render
-from controller.schema import ImageSubmit
-from gpu_agent.api import auth_middleware, error_response, read_model
+from controller.schema import FleetInfo, ImageJobInfo, ImageSubmit, ModelsInfo
+from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
+from gpu_agent.api import (
+    auth_middleware,
+    check_workflow_size,
+    error_response,
+    parse_json,
+    read_model,
+)
 from gpu_agent.errors import GpuAgentError
+from gpu_agent.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,12 @@ _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 _CONSTRAINTS = ("min_quality", "max_latency_s")
 # Keep the final NDJSON line of a stream for learning; a line longer than this is not kept.
 _MAX_FINAL_LINE = 4 * 1024 * 1024
+# The largest context or output length taken into a latency estimate (Ollama caps them anyway).
+_MAX_TOKENS = 1 << 20
+# ComfyUI's own limits on a latent (MAX_RESOLUTION, EmptyLatentImage's batch_size); it refuses
+# more, and the job store keeps these as 64-bit integers.
+_MAX_SIDE = 16384
+_MAX_BATCH = 4096
 
 
 @web.middleware
@@ -61,7 +79,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = (
             exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         )
-        return error_response(exc.status, code, message)
+        response = error_response(exc.status, code, message)
+        if "Allow" in exc.headers:
+            # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the controller's log")
@@ -87,10 +109,7 @@ async def _ollama_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw:
         raise BadRequest("missing request body")
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     model = body.get("model")
@@ -99,6 +118,9 @@ async def _ollama_body(request: web.Request) -> dict[str, Any]:
     options = body.get("options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("options must be an object")
+    messages = body.get("messages")
+    if messages is not None and not isinstance(messages, list):
+        raise BadRequest("messages must be a list")
     return body
 
 
@@ -107,7 +129,7 @@ def _number(value: Any, name: str) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise BadRequest(f"{name} must be a number") from exc
     if not math.isfinite(number) or number < 0:
         raise BadRequest(f"{name} must be a non-negative number")
@@ -124,7 +146,10 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """A positive integer option for the estimates, capped; None when it is anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return min(value, _MAX_TOKENS)
+    return None
 
 
 async def _generate(request: web.Request, path: str) -> web.StreamResponse:
@@ -277,6 +302,13 @@ async def submit_image(request: web.Request) -> web.Response:
     body = await read_model(request, ImageSubmit)
     if not body.workflow:
         raise BadRequest("workflow must have at least one node")
+    check_workflow_size(body.workflow)
+    key = image_key(body.workflow)
+    if key.width > _MAX_SIDE or key.height > _MAX_SIDE or key.batch > _MAX_BATCH:
+        raise BadRequest(
+            f"latent of {key.width}x{key.height}, batch {key.batch}, is beyond ComfyUI's limits "
+            f"({_MAX_SIDE} a side, batch {_MAX_BATCH})"
+        )
     record = await engine.images.submit(
         body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
     )
@@ -343,9 +375,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web.Application:
-    """The controller's aiohttp application. The caller owns `engine`'s lifecycle."""
+    """The controller's aiohttp application. The caller owns `engine`'s lifecycle.
+
+    Host and Origin are checked against the defaults plus `allowed_hosts` and the bind address
+    from `engine.settings`.
+    """
+    settings = engine.settings
+    policy = HostPolicy(settings.allowed_hosts, bind_host=settings.host)
     app = web.Application(
-        client_max_size=max_body_bytes, middlewares=[error_middleware, auth_middleware(token)]
+        client_max_size=max_body_bytes,
+        middlewares=[error_middleware, host_check_middleware(policy), auth_middleware(token)],
     )
     app[ENGINE_KEY] = engine
     app[REGISTRY_KEY] = make_registry(engine)
@@ -366,4 +405,65 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     router.add_get("/v1/images/{job_id}/outputs/{index}", image_output)
     router.add_get("/v1/models", models)
     router.add_get("/v1/fleet", fleet)
+    add_openapi_route(
+        app,
+        ROUTE_DOCS,
+        title="gpu-controller",
+        version=__version__,
+        description=(
+            "Schedules LLM requests (Ollama-compatible /api/*) and ComfyUI image jobs across "
+            "GPU agents."
+        ),
+        token_required=token is not None,
+    )
     return app
+
+
+_OLLAMA_ERRORS = (400, 404, 502, 503)
+
+ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
+    ("GET", "/healthz"): RouteDoc("Liveness and agent health counts", public=True, errors=()),
+    ("GET", OPENAPI_PATH): RouteDoc("This document", public=True, errors=()),
+    ("GET", "/metrics"): RouteDoc(
+        "Prometheus metrics", content_type="text/plain; version=0.0.4", errors=()
+    ),
+    ("GET", "/"): RouteDoc("Ollama's liveness text", content_type="text/plain", errors=()),
+    ("POST", "/api/generate"): RouteDoc(
+        "Ollama generate; model may be auto, auto:fast or auto:quality",
+        content_type="application/x-ndjson",
+        errors=_OLLAMA_ERRORS,
+    ),
+    ("POST", "/api/chat"): RouteDoc(
+        "Ollama chat; model may be auto, auto:fast or auto:quality",
+        content_type="application/x-ndjson",
+        errors=_OLLAMA_ERRORS,
+    ),
+    ("GET", "/api/tags"): RouteDoc("Ollama tags, with the auto intents first", errors=()),
+    ("GET", "/api/ps"): RouteDoc("Ollama ps, over every agent", errors=()),
+    ("POST", "/api/show"): RouteDoc("Ollama show", errors=_OLLAMA_ERRORS),
+    ("GET", "/api/version"): RouteDoc("Ollama version", errors=()),
+    ("POST", "/v1/images"): RouteDoc(
+        "Submit an image job (a ComfyUI workflow in API format)",
+        request=ImageSubmit,
+        response=ImageJobInfo,
+        status=202,
+        errors=(400,),
+    ),
+    ("GET", "/v1/images/{job_id}"): RouteDoc("An image job's state", response=ImageJobInfo),
+    ("DELETE", "/v1/images/{job_id}"): RouteDoc(
+        "Cancel an image job", response=ImageJobInfo, errors=(400, 404, 502, 503)
+    ),
+    ("GET", "/v1/images/{job_id}/events"): RouteDoc(
+        "NDJSON: the job's ImageJobInfo each time it changes, until it ends",
+        content_type="application/x-ndjson",
+    ),
+    ("GET", "/v1/images/{job_id}/outputs/{index}"): RouteDoc(
+        "The n-th output image of a job", content_type="image/png"
+    ),
+    ("GET", "/v1/models"): RouteDoc(
+        "Catalogue with learned speeds and footprints", response=ModelsInfo, errors=()
+    ),
+    ("GET", "/v1/fleet"): RouteDoc(
+        "Agents, GPUs, resident models, held jobs with reasons", response=FleetInfo, errors=()
+    ),
+}

@@ -26,10 +26,10 @@ from controller.domain.admission import Admit, plan_images
 from controller.domain.footprints import ImageKey
 from controller.domain.types import ImageJob, RunningImage
 from controller.domain.workflows import image_key
-from controller.errors import AgentError, AgentRejected, BadRequest, NotFound
+from controller.errors import AgentError, AgentRejected, BadRequest, Conflict, NotFound
 from controller.schema import ImageJobInfo, ProgressInfo
 from controller.store import UNSET, JobRecord, JobState, Unset
-from gpu_agent.comfyui_state import OOM_REASON
+from gpu_agent.comfyui_state import FINAL_STATES, OOM_REASON
 from gpu_agent.schema import PromptInfo
 
 if TYPE_CHECKING:
@@ -59,8 +59,9 @@ def attempt_prompt_id(record: JobRecord) -> str:
 
 
 def _safe_name(filename: str) -> str:
+    """A file name that cannot leave its folder, whatever ComfyUI (or an impostor) sent."""
     name = "".join(ch for ch in Path(filename).name if ch.isalnum() or ch in "._-")
-    return name or "output"
+    return name if name.strip(".") else "output"
 
 
 class ImageScheduler:
@@ -73,6 +74,8 @@ class ImageScheduler:
         self._cancelling: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._counts: Counter[str] = Counter()
+        # Last state written per unfinished job, in the order the store applied the writes.
+        self._states: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._reconcile_soon = False
@@ -230,14 +233,22 @@ class ImageScheduler:
         return record
 
     async def cancel(self, job_id: str) -> JobRecord:
-        record = await self.get(job_id)
-        if record.final:
-            return record
-        if record.state == "held":
-            return await self._set(record, state="cancelled", reason="cancelled by the caller")
+        # Under the planning lock, a held job cannot be admitted while it is being cancelled.
+        async with self._engine.plan_lock:
+            record = await self.get(job_id)
+            if record.final:
+                return record
+            if record.state == "held":
+                return await self._set(record, state="cancelled", reason="cancelled by the caller")
         assert record.agent is not None
         self._cancelling.add(job_id)
-        prompt = await self._engine.links[record.agent].cancel(attempt_prompt_id(record))
+        try:
+            prompt = await self._engine.links[record.agent].cancel(attempt_prompt_id(record))
+        except AgentRejected as exc:
+            if exc.status != 404:
+                raise
+            # Not at the agent yet: the dispatch sees the flag and cancels instead of submitting.
+            return await self.get(job_id)
         await self._apply(job_id, record.agent, prompt)
         return await self.get(job_id)
 
@@ -266,17 +277,22 @@ class ImageScheduler:
             attempts=attempts,
             peak_bytes=peak_bytes,
         )
-        if updated.state != record.state:
-            self._counts[record.state] -= 1
+        # The state before this write is the last one written, which may be newer than the
+        # `record` the caller holds (a cancel can land while a dispatch is being recorded).
+        before = self._states.get(record.job_id, record.state)
+        self._states[record.job_id] = updated.state
+        if updated.state != before:
+            self._counts[before] -= 1
             self._counts[updated.state] += 1
             log.info(
                 "image job %s: %s -> %s (%s)",
                 record.job_id,
-                record.state,
+                before,
                 updated.state,
                 updated.reason,
             )
         if updated.final:
+            self._states.pop(record.job_id, None)
             self._jobs.pop(record.job_id, None)
             self._progress.pop(record.job_id, None)
             self._last_news.pop(record.job_id, None)
@@ -352,13 +368,20 @@ class ImageScheduler:
             for name, book in engine.books.items():
                 book.drain_since = drains.get(name)
         for record, decision in admitted:
-            updated = await self._set(
-                record,
-                state="dispatched",
-                agent=decision.agent,
-                reason=decision.reason,
-                attempts=record.attempts + 1,
-            )
+            try:
+                updated = await self._set(
+                    record,
+                    state="dispatched",
+                    agent=decision.agent,
+                    reason=decision.reason,
+                    attempts=record.attempts + 1,
+                )
+            except Conflict:
+                # Cancelled between the decision and this write: give its promise back.
+                book = engine.books[decision.agent]
+                book.finish_image(None)
+                book.unloading.difference_update(decision.room.unload)
+                continue
             self._by_prompt[attempt_prompt_id(updated)] = record.job_id
             self._last_news[record.job_id] = engine.clock()
             self._spawn(self._dispatch(updated, decision))
@@ -389,6 +412,12 @@ class ImageScheduler:
                 if not admit.room.empty:
                     # The marks below come off only once the status shows the changes.
                     await engine.refresh(admit.agent)
+            if record.job_id in self._cancelling:
+                engine.books[admit.agent].finish_image(None)
+                current = self._jobs.get(record.job_id)
+                if current is not None:
+                    await self._set(current, state="cancelled", reason="cancelled by the caller")
+                return
             prompt = await link.submit(record.workflow, attempt_prompt_id(record))
         except AgentRejected as exc:
             if exc.status == 400:
@@ -410,6 +439,10 @@ class ImageScheduler:
             book.unloading.difference_update(admit.room.unload)
             book.freeing_comfy -= int(admit.room.free_comfy)
             engine.pulse.fire()
+        if record.job_id in self._cancelling and prompt.state not in FINAL_STATES:
+            # A cancel arrived while the submission was on its way: carry it out now.
+            with contextlib.suppress(AgentError):
+                prompt = await link.cancel(attempt_prompt_id(record))
         await self._apply(record.job_id, admit.agent, prompt)
 
     async def _requeue(self, record: JobRecord, why: str) -> None:

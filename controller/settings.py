@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controller.domain.types import PolicyConfig
 from controller.errors import ConfigError
+from gpu_agent.allowed_hosts import check_allowed_host_entry
 from gpu_agent.layered_settings import (
     check_base_url,
     is_loopback_host,
@@ -209,6 +210,13 @@ class ControllerSettings(BaseSettings):
     max_image_attempts: int = Field(
         default=3, ge=1, le=100, description="Tries of one image job before it fails."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Host names, beyond the defaults, that requests may carry in Host and Origin: "
+            "exact names, '*.example.org' for every name under it, or '*' for any."
+        ),
+    )
     max_body_bytes: int = Field(
         default=16 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
@@ -231,6 +239,11 @@ class ControllerSettings(BaseSettings):
     @classmethod
     def _strip_token(cls, value: object) -> object:
         return _strip_secret(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        return [check_allowed_host_entry(entry) for entry in value]
 
     @field_validator("data_dir", "token_file")
     @classmethod

@@ -114,7 +114,11 @@ async def running_agent(
         stack.push_async_callback(service.stop)
 
         app = create_app(
-            service, token=settings.effective_token(), max_body_bytes=settings.max_body_bytes
+            service,
+            token=settings.effective_token(),
+            max_body_bytes=settings.max_body_bytes,
+            allowed_hosts=settings.allowed_hosts,
+            bind_host=settings.host,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpu_agent.allowed_hosts import check_allowed_host_entry
 from gpu_agent.errors import ConfigError
 from gpu_agent.layered_settings import (
     check_base_url,
@@ -111,6 +112,13 @@ class AgentSettings(BaseSettings):
     free_timeout_s: float = Field(
         default=120.0, gt=0.0, le=3600.0, description="Longest wait for GPU memory to free."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Host names, beyond the defaults, that requests may carry in Host and Origin: "
+            "exact names, '*.example.org' for every name under it, or '*' for any."
+        ),
+    )
     max_body_bytes: int = Field(
         default=8 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
@@ -134,6 +142,11 @@ class AgentSettings(BaseSettings):
             if value.startswith("[") and value.endswith("]"):
                 value = value[1:-1]
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        return [check_allowed_host_entry(entry) for entry in value]
 
     @field_validator("token", mode="before")
     @classmethod

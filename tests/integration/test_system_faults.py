@@ -208,8 +208,16 @@ async def test_dropped_and_silent_comfyui_websocket_still_finishes_jobs(
             return bool(status["comfyui"]["connection"] == "polling")
 
         await wait_until(polling, what="the agent to fall back to polling ComfyUI")
-        assert (await fleet_agent(stack))["comfyui_connection"] == "polling"
-        assert await agent_metric(stack.agent.url, 'gpu_agent_comfyui_connection{mode="polling"}')
+        # The controller hears of it with the agent's next snapshot.
+        await wait_until(
+            lambda: fleet_connection(stack, "polling"), what="the fleet to show the polling"
+        )
+
+        async def metric_shows_polling() -> bool:
+            mode = 'gpu_agent_comfyui_connection{mode="polling"}'
+            return bool(await agent_metric(stack.agent.url, mode))
+
+        await wait_until(metric_shows_polling, what="the agent's metrics to show the polling")
 
         jobs = await wait_all_final(stack, [first["id"], second["id"], third["id"]])
         await assert_succeeded_once(stack, jobs)

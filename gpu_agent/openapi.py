@@ -1,0 +1,201 @@
+"""OpenAPI 3.1 documents for both HTTP APIs (adapter layer), from the route table and the models.
+
+Each API keeps one table, `{(method, path): RouteDoc}`, beside its routes; `add_openapi_route`
+walks the application's router, takes the schemas from the pydantic wire models
+(`model_json_schema` via `models_json_schema`, so shared models appear once under
+`components.schemas`) and serves the document at `GET /openapi.json`. A route without an entry in
+the table is an error when the application is built, so the document cannot fall behind the API.
+
+`/openapi.json` needs no token: it describes the API, not any state of the machine. The Host and
+Origin checks still apply to it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from gpu_agent.schema import ErrorResponse
+
+__all__ = ["OPENAPI_PATH", "RouteDoc", "add_openapi_route", "build_openapi"]
+
+OPENAPI_PATH = "/openapi.json"
+
+# Methods an aiohttp "*" route is documented with (OpenAPI has no wildcard method).
+_ANY_METHODS = ("get", "post", "put", "patch", "delete")
+_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+_REF_TEMPLATE = "#/components/schemas/{model}"
+_ERROR_TEXT = {
+    400: "Malformed or invalid request",
+    401: "Missing or wrong bearer token",
+    403: "Host or Origin not allowed",
+    404: "No such route or resource",
+    405: "Method not allowed on this route",
+    409: "The current state forbids it",
+    413: "Body larger than max_body_bytes",
+    500: "Unexpected failure",
+    502: "The upstream server failed",
+    503: "Unavailable now; see Retry-After where given",
+    504: "The GPU memory did not come back in time",
+}
+# Every route can answer these, whatever its table entry says.
+_ALWAYS = (403, 405, 500)
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    """How one route is documented.
+
+    `request`: the JSON body model, if any. `response`: the success body model; without one, the
+    success body is `content_type` (a stream, a file, Prometheus text). `public`: no token needed.
+    `errors`: the statuses it answers with an `ErrorResponse`, beyond 403, 405 and 500.
+    """
+
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    content_type: str = "application/json"
+    public: bool = False
+    errors: tuple[int, ...] = (400, 404)
+    request_optional: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _route_keys(app: web.Application) -> list[tuple[str, str, str]]:
+    """(method, OpenAPI path, table path) for every route, HEAD left out, in router order."""
+    keys: list[tuple[str, str, str]] = []
+    for route in app.router.routes():
+        if route.method == "HEAD" or route.resource is None:
+            continue
+        path = route.resource.canonical
+        methods = _ANY_METHODS if route.method == "*" else (route.method.lower(),)
+        keys.extend((method, _PARAM.sub(r"{\1}", path), path) for method in methods)
+    return keys
+
+
+def _schemas(docs: Mapping[tuple[str, str], RouteDoc]) -> tuple[dict[Any, str], dict[str, Any]]:
+    """Refs per (model, mode) and the component schemas, every model listed once."""
+    wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {
+        (ErrorResponse, "validation"): None
+    }
+    for doc in docs.values():
+        if doc.request is not None:
+            wanted[(doc.request, "validation")] = None
+        if doc.response is not None:
+            wanted[(doc.response, "serialization")] = None
+    refs, top = models_json_schema(list(wanted), ref_template=_REF_TEMPLATE)
+    return {key: value["$ref"] for key, value in refs.items()}, top.get("$defs", {})
+
+
+def _error_response(status: int, ref: str) -> dict[str, Any]:
+    return {
+        "description": _ERROR_TEXT.get(status, "Error"),
+        "content": {"application/json": {"schema": {"$ref": ref}}},
+    }
+
+
+def build_openapi(
+    app: web.Application,
+    docs: Mapping[tuple[str, str], RouteDoc],
+    *,
+    title: str,
+    version: str,
+    description: str,
+    token_required: bool,
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `app`'s routes as described by `docs`, keyed by
+    (METHOD or "*", aiohttp path). Raises KeyError naming any route `docs` does not describe."""
+    refs, components = _schemas(docs)
+    error_ref = refs[(ErrorResponse, "validation")]
+    paths: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    for method, path, table_path in _route_keys(app):
+        doc = docs.get((method.upper(), table_path)) or docs.get(("*", table_path))
+        if doc is None:
+            missing.append(f"{method.upper()} {table_path}")
+            continue
+        operation: dict[str, Any] = {
+            "summary": doc.summary,
+            "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_') or 'root'}",
+        }
+        if doc.tags:
+            operation["tags"] = list(doc.tags)
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _PARAM.findall(path)
+        ]
+        if parameters:
+            operation["parameters"] = parameters
+        if doc.request is not None:
+            operation["requestBody"] = {
+                "required": not doc.request_optional,
+                "content": {
+                    "application/json": {"schema": {"$ref": refs[(doc.request, "validation")]}}
+                },
+            }
+        success: dict[str, Any] = {"description": doc.summary}
+        if doc.response is not None:
+            schema = {"$ref": refs[(doc.response, "serialization")]}
+            success["content"] = {"application/json": {"schema": schema}}
+        else:
+            success["content"] = {doc.content_type: {}}
+        responses: dict[str, Any] = {str(doc.status): success}
+        errors = set(doc.errors) | set(_ALWAYS)
+        if doc.request is not None:
+            errors |= {400, 413}
+        if token_required and not doc.public:
+            errors.add(401)
+        for status in sorted(errors):
+            responses[str(status)] = _error_response(status, error_ref)
+        operation["responses"] = responses
+        if doc.public:
+            operation["security"] = []
+        paths.setdefault(path, {})[method] = operation
+    if missing:
+        raise KeyError(f"routes without an OpenAPI entry: {', '.join(missing)}")
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version, "description": description},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+    if token_required:
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+def add_openapi_route(
+    app: web.Application,
+    docs: Mapping[tuple[str, str], RouteDoc],
+    *,
+    title: str,
+    version: str,
+    description: str,
+    token_required: bool,
+) -> dict[str, Any]:
+    """Add `GET /openapi.json` to `app` (call it after every other route) and return the
+    document it serves. `docs` must describe the new route too: `("GET", OPENAPI_PATH)`."""
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get(OPENAPI_PATH, openapi)
+    document = build_openapi(
+        app,
+        docs,
+        title=title,
+        version=version,
+        description=description,
+        token_required=token_required,
+    )
+    return document
