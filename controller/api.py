@@ -33,7 +33,7 @@ from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
 from gpu_agent.api import (
     auth_middleware,
     check_workflow_size,
-    error_response,
+    error_middleware_for,
     parse_json,
     read_model,
 )
@@ -59,34 +59,15 @@ _MAX_SIDE = 16384
 _MAX_BATCH = 4096
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where any failure becomes `{"error": {"code", "message"}}`."""
-    try:
-        return await handler(request)
-    except NoCapacity as exc:
-        response = error_response(503, exc.code, str(exc))
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        return response
-    except (ControllerError, GpuAgentError) as exc:
-        return error_response(exc.http_status, exc.code, str(exc))
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "payload_too_large", f"body too large: {exc.text}")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        message = (
-            exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
-        )
-        response = error_response(exc.status, code, message)
-        if "Allow" in exc.headers:
-            # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error; see the controller's log")
+def _retry_after(exc: Exception) -> dict[str, str]:
+    if isinstance(exc, NoCapacity):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return {}
+
+
+error_middleware = error_middleware_for(
+    (ControllerError, GpuAgentError), "controller", headers=_retry_after
+)
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import httpx
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
@@ -97,32 +98,49 @@ def error_response(
     return web.json_response(body.model_dump(exclude_none=True), status=status)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where any failure becomes a JSON error body."""
-    try:
-        return await handler(request)
-    except GpuAgentError as exc:
-        return error_response(exc.http_status, exc.code, str(exc), _error_details(exc))
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, PayloadTooLarge.code, f"body too large: {exc.text}")
-    except web.HTTPException as exc:
-        if exc.status < 400:
+def error_middleware_for(
+    errors: tuple[type[Exception], ...],
+    service: str,
+    *,
+    details: Callable[[Exception], dict[str, Any] | None] = lambda exc: None,
+    headers: Callable[[Exception], dict[str, str]] = lambda exc: {},
+) -> Middleware:
+    """The one place where any failure becomes `{"error": {"code", "message"}}`.
+
+    `errors` are the service's error trees; each class carries its `code` and `http_status`.
+    `details` and `headers` add what one error needs (ComfyUI's node errors, `Retry-After`).
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except errors as exc:
+            status, code = getattr(exc, "http_status", 500), getattr(exc, "code", "internal")
+            response = error_response(status, code, str(exc), details(exc))
+            response.headers.update(headers(exc))
+            return response
+        except web.HTTPRequestEntityTooLarge as exc:
+            return error_response(413, PayloadTooLarge.code, f"body too large: {exc.text}")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+            message = (
+                exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+            )
+            response = error_response(exc.status, code, message)
+            if "Allow" in exc.headers:
+                # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
+        except asyncio.CancelledError:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        message = (
-            exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
-        )
-        response = error_response(exc.status, code, message)
-        if "Allow" in exc.headers:
-            # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error; see the agent's log")
+        except Exception:
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            return error_response(500, "internal", f"internal error; see the {service}'s log")
+
+    return middleware
 
 
 def _error_details(exc: GpuAgentError) -> dict[str, Any] | None:
@@ -135,6 +153,13 @@ def _error_details(exc: GpuAgentError) -> dict[str, Any] | None:
         return {"prompt_id": exc.prompt_id}
     details = getattr(exc, "details", None)
     return details if isinstance(details, dict) else None
+
+
+error_middleware = error_middleware_for(
+    (GpuAgentError,),
+    "agent",
+    details=lambda exc: _error_details(exc) if isinstance(exc, GpuAgentError) else None,
+)
 
 
 def token_matches(given: str, expected: bytes) -> bool:
