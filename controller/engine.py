@@ -10,7 +10,6 @@ never spend the same free bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ from controller.domain.types import AgentState, ModelProfile
 from controller.errors import AgentError
 from controller.knowledge import Knowledge
 from controller.ledger import AgentBook, agent_state
+from controller.pulse import Pulse
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo, ModelInfo, ModelsInfo
 from controller.settings import ControllerSettings
 from controller.store import AsyncJobStore
@@ -44,28 +44,6 @@ def service_trouble(status: AgentStatus | None) -> str | None:
     if not status.comfyui.reachable:
         troubles.append("ComfyUI unreachable")
     return "; ".join(troubles) or None
-
-
-class Pulse:
-    """Wakes every waiter when something changed (a snapshot, a finished request or job)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    def mark(self) -> asyncio.Event:
-        """The event the next `fire()` sets: take it before reading state, wait on it after,
-        and no change in between is missed."""
-        return self._event
-
-    async def wait(self, timeout_s: float, mark: asyncio.Event | None = None) -> None:
-        event = mark if mark is not None else self._event
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await event.wait()
 
 
 class Engine:

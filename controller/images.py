@@ -5,8 +5,8 @@ held jobs may run where, promises their memory in the ledger, then dispatches ea
 room plan: unloads confirmed on the GPU, ComfyUI freed). Prompt events from the agents move jobs
 on; a reconcile pass asks the agent directly about any job that has been quiet, so a missed event,
 an agent restart or a controller restart never loses a job. The prompt id sent to the agent is
-fixed when the job is created and the agent looks it up in ComfyUI before posting it again, so a
-job never runs twice.
+fixed per attempt (`attempt_prompt_id`) and the agent looks it up in ComfyUI before posting it
+again, so no attempt runs twice.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from controller.domain.footprints import ImageKey
 from controller.domain.types import ImageJob, RunningImage
 from controller.domain.workflows import image_key
 from controller.errors import AgentError, AgentRejected, BadRequest, Conflict, NotFound
+from controller.pulse import Pulse
 from controller.schema import ImageJobInfo, ProgressInfo
 from controller.store import UNSET, JobRecord, JobState, Unset
 from gpu_agent.comfyui_state import FINAL_STATES, OOM_REASON
@@ -80,8 +81,6 @@ class ImageScheduler:
         self._loop: asyncio.Task[None] | None = None
         self._reconcile_soon = False
         self.outputs_dir = engine.settings.data_dir / "outputs"
-        from controller.engine import Pulse
-
         self.changes = Pulse()
 
     # -- lifecycle ------------------------------------------------------------------------
