@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.agents import AgentLink
+from controller.domain.catalog import DEFAULT_NUM_CTX
 from controller.domain.selection import Choice, select
 from controller.domain.types import LlmRequest
 from controller.errors import AgentRejected, NoCapacity, NotFound
@@ -71,7 +72,8 @@ class LlmRouter:
             mark = engine.pulse.mark()
             async with engine.plan_lock:
                 now = engine.clock()
-                decision = select(request, engine.states(now), engine.catalog(), now, engine.policy)
+                catalog = engine.catalog()
+                decision = select(request, engine.states(now), catalog, now, engine.policy)
                 engine.decisions += 1
                 if isinstance(decision, Choice):
                     book = engine.books[decision.agent]
@@ -80,7 +82,7 @@ class LlmRouter:
                     book.freeing_comfy += int(decision.room.free_comfy)
                     token = None
                     if decision.load:
-                        token = book.promise(engine.catalog()[decision.model].vram_bytes)
+                        token = book.promise(catalog[decision.model].vram_bytes)
             if isinstance(decision, Choice):
                 self._waiting.pop(ticket, None)
                 try:
@@ -120,7 +122,7 @@ class LlmRouter:
                     result = await link.load(choice.model, num_ctx=num_ctx)
                     await engine.knowledge.record_load(
                         choice.model,
-                        result.context_length or num_ctx or 4096,
+                        result.context_length or num_ctx or DEFAULT_NUM_CTX,
                         result.vram_bytes,
                         result.size_bytes,
                         result.load_time_s or engine.clock() - started,
