@@ -33,6 +33,7 @@ from gpu_agent.errors import (
 )
 from gpu_agent.gpu.attribution import classify
 from gpu_agent.gpu.probe import GpuReading
+from gpu_agent.model_names import normalize_model_name
 from gpu_agent.ollama import AvailableModel, OllamaClient, RunningModel
 from gpu_agent.schema import (
     AgentEvent,
@@ -54,7 +55,6 @@ from gpu_agent.schema import (
     UnloadRequest,
     UnloadResult,
 )
-from gpu_agent.sim.catalog import normalize_model_name
 from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from gpu_agent.model_names import normalize_model_name
+
 MIB = 1024**2
 GIB = 1024**3
 
@@ -268,12 +270,3 @@ class Catalog:
 
     def checkpoint(self, filename: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.filename == filename), None)
-
-
-def normalize_model_name(name: str) -> str:
-    """`llama3.2` -> `llama3.2:latest`; names with a tag are kept."""
-    name = name.strip()
-    if not name:
-        return name
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last else f"{name}:latest"

@@ -27,8 +27,9 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gpu_agent.model_names import normalize_model_name
 from gpu_agent.sim import text
-from gpu_agent.sim.catalog import Catalog, OllamaModelSpec, normalize_model_name
+from gpu_agent.sim.catalog import Catalog, OllamaModelSpec
 from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.faults import ServerFaults, fault_middleware
 from gpu_agent.sim.gpu import SimGpu
