@@ -37,9 +37,11 @@ from controller.errors import ConfigError
 from gpu_agent.allowed_hosts import check_allowed_host_entry
 from gpu_agent.layered_settings import (
     check_base_url,
-    is_loopback_host,
     load_layered,
-    read_token_file,
+    open_host_problem,
+    strip_host,
+    strip_secret,
+    token_sources,
 )
 
 EXIT_BAD_CONFIG = 78
@@ -64,17 +66,6 @@ QualityScore = Annotated[float, Field(ge=0.0, le=100.0)]
 
 def _default_data_dir() -> Path:
     return Path("~/.local/share/gpu-controller").expanduser()
-
-
-def _strip_secret(value: object) -> object:
-    """A token without surrounding whitespace; an empty one is an error, not "no token"."""
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            raise ValueError("is empty; remove it, or set a token (openssl rand -hex 32)")
-    return value
 
 
 class AgentEndpoint(BaseModel):
@@ -103,7 +94,7 @@ class AgentEndpoint(BaseModel):
     @field_validator("token", mode="before")
     @classmethod
     def _strip_token(cls, value: object) -> object:
-        return _strip_secret(value)
+        return strip_secret(value)
 
 
 def agent_name_from_url(url: str) -> str:
@@ -228,17 +219,12 @@ class ControllerSettings(BaseSettings):
     @field_validator("host", mode="before")
     @classmethod
     def _strip_host(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip()
-            # "[::1]" is URL notation; the socket layer wants the bare address.
-            if value.startswith("[") and value.endswith("]"):
-                value = value[1:-1]
-        return value
+        return strip_host(value)
 
     @field_validator("token", mode="before")
     @classmethod
     def _strip_token(cls, value: object) -> object:
-        return _strip_secret(value)
+        return strip_secret(value)
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -266,19 +252,13 @@ class ControllerSettings(BaseSettings):
                 f"agents: names must be unique; {', '.join(map(repr, duplicates))} "
                 f"given more than once (name each [[agents]] entry differently)"
             )
-        if self.token is not None and self.token_file is not None:
-            problems.append("token_file: cannot be combined with token; set only one of them")
-        elif self.token_file is not None:
-            try:
-                self._file_token = read_token_file(self.token_file)
-            except ValueError as exc:
-                problems.append(str(exc))
-        if not problems and self.effective_token() is None and not is_loopback_host(self.host):
-            problems.append(
-                f"token: required when host {self.host!r} is not a loopback address, because "
-                f"anyone who can reach the port could use the GPUs; set token or token_file, "
-                f"or bind host to 127.0.0.1"
+        token_lines, self._file_token = token_sources(self.token, self.token_file)
+        problems += token_lines
+        if not problems:
+            open_host = open_host_problem(
+                self.host, self.effective_token() is not None, power="use the GPUs"
             )
+            problems += [open_host] if open_host else []
         if problems:
             raise ValueError("\n".join(problems))
         # Read with the rest of the environment, so the settings stay one immutable snapshot.

@@ -70,6 +70,50 @@ def read_token_file(path: Path) -> SecretStr:
     return SecretStr(text)
 
 
+def strip_host(value: object) -> object:
+    """A bind address without whitespace; "[::1]" (URL notation) becomes the bare "::1"."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("[") and value.endswith("]"):
+            value = value[1:-1]
+    return value
+
+
+def strip_secret(value: object) -> object:
+    """A token without surrounding whitespace; an empty one is an error, not "no token"."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise ValueError("is empty; remove it, or set a token (openssl rand -hex 32)")
+    return value
+
+
+def token_sources(
+    token: SecretStr | None, token_file: Path | None
+) -> tuple[list[str], SecretStr | None]:
+    """Only one of `token` and `token_file`; returns problem lines and the file's token."""
+    if token is not None and token_file is not None:
+        return ["token_file: cannot be combined with token; set only one of them"], None
+    if token_file is not None:
+        try:
+            return [], read_token_file(token_file)
+        except ValueError as exc:
+            return [str(exc)], None
+    return [], None
+
+
+def open_host_problem(host: str, has_token: bool, *, power: str) -> str | None:
+    """A service bound off loopback needs a token; `power` says what anyone could do without."""
+    if has_token or is_loopback_host(host):
+        return None
+    return (
+        f"token: required when host {host!r} is not a loopback address, because anyone who can "
+        f"reach the port could {power}; set token or token_file, or bind host to 127.0.0.1"
+    )
+
+
 def load_layered(
     model_cls: type[S],
     config_file: Path | None,

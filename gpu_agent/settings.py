@@ -24,7 +24,10 @@ from gpu_agent.layered_settings import (
     check_base_url,
     is_loopback_host,
     load_layered,
-    read_token_file,
+    open_host_problem,
+    strip_host,
+    strip_secret,
+    token_sources,
 )
 
 __all__ = [
@@ -136,12 +139,7 @@ class AgentSettings(BaseSettings):
     @field_validator("host", mode="before")
     @classmethod
     def _strip_host(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip()
-            # "[::1]" is URL notation; the socket layer wants the bare address.
-            if value.startswith("[") and value.endswith("]"):
-                value = value[1:-1]
-        return value
+        return strip_host(value)
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -151,13 +149,7 @@ class AgentSettings(BaseSettings):
     @field_validator("token", mode="before")
     @classmethod
     def _strip_token(cls, value: object) -> object:
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        if isinstance(value, str):
-            value = value.strip()
-            if not value:
-                raise ValueError("is empty; remove it, or set a token (openssl rand -hex 32)")
-        return value
+        return strip_secret(value)
 
     @field_validator("ollama_url", "comfyui_url")
     @classmethod
@@ -172,25 +164,17 @@ class AgentSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_together(self) -> AgentSettings:
         # Each problem is one line starting with the field it is about; see `_describe`.
-        problems: list[str] = []
-        if self.token is not None and self.token_file is not None:
-            problems.append("token_file: cannot be combined with token; set only one of them")
-        elif self.token_file is not None:
-            try:
-                self._file_token = read_token_file(self.token_file)
-            except ValueError as exc:
-                problems.append(str(exc))
+        problems, self._file_token = token_sources(self.token, self.token_file)
         if self.stale_after_s <= self.sample_interval_s:
             problems.append(
                 f"stale_after_s: must be greater than sample_interval_s "
                 f"({self.stale_after_s} <= {self.sample_interval_s}), or the watchdog never pings"
             )
-        if not problems and self.effective_token() is None and not is_loopback_host(self.host):
-            problems.append(
-                f"token: required when host {self.host!r} is not a loopback address, because "
-                f"anyone who can reach the port could control the GPU; set token or token_file, "
-                f"or bind host to 127.0.0.1"
+        if not problems:
+            open_host = open_host_problem(
+                self.host, self.effective_token() is not None, power="control the GPU"
             )
+            problems += [open_host] if open_host else []
         if problems:
             raise ValueError("\n".join(problems))
         return self
