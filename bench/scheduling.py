@@ -15,6 +15,7 @@ with every model loaded once, and no earlier than the arrivals allow).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 import uuid
@@ -26,10 +27,7 @@ from typing import Any
 import httpx
 
 from bench.report import record, table
-from controller.daemon import running_controller
-from controller.settings import AgentEndpoint, ControllerSettings
-from gpu_agent.daemon import running_agent
-from gpu_agent.settings import AgentSettings
+from controller.simulated import simulated_stack
 from gpu_agent.sim.catalog import CHECKPOINTS, OLLAMA_MODELS
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
@@ -192,58 +190,50 @@ async def _reactive_free(
 async def run_controller(arrivals: list[Arrival], data_dir: Path) -> tuple[Outcome, SimDesktop]:
     desktop = SimDesktop(speed=SPEED, data_dir=data_dir / "desktop")
     await desktop.start()
-    agent_settings = AgentSettings(port=0, simulate=True, sample_interval_s=0.05, token=TOKEN)
     try:
-        async with running_agent(agent_settings, desktop) as agent:
-            settings = ControllerSettings(
-                port=0,
-                data_dir=data_dir / "controller",
-                agents=[AgentEndpoint(name="desktop", url=agent.url, token=TOKEN)],
-                token=TOKEN,
-                tick_interval_s=0.05,
-                llm_wait_s=600.0,
-                # The controller's clock is real time; policy times are simulated seconds.
-                min_residency_s=30.0 / SPEED,
-                max_hold_s=60.0 / SPEED,
-                image_yield_s=20.0 / SPEED,
-            )
-            async with running_controller(settings) as controller:
-                headers = {"Authorization": f"Bearer {TOKEN}"}
-                timeout = httpx.Timeout(600.0, connect=10.0)
-                async with httpx.AsyncClient(
-                    base_url=controller.url, headers=headers, timeout=timeout,
-                    limits=httpx.Limits(max_connections=200),
-                ) as http:  # fmt: skip
-                    await controller.engine.links["desktop"].wait_for_snapshot(10.0)
+        async with simulated_stack(
+            desktop,
+            data_dir / "controller",
+            token=TOKEN,
+            sample_interval_s=0.05,
+            tick_interval_s=0.05,
+            llm_wait_s=600.0,
+        ) as stack:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            timeout = httpx.Timeout(600.0, connect=10.0)
+            async with httpx.AsyncClient(
+                base_url=stack.controller.url, headers=headers, timeout=timeout,
+                limits=httpx.Limits(max_connections=200),
+            ) as http:  # fmt: skip
 
-                    async def llm(index: int, arrival: LlmArrival) -> tuple[bool, int, str]:
-                        body = {
-                            "model": arrival.intent,
-                            "prompt": arrival.prompt,
-                            "stream": False,
-                            "options": {"num_predict": arrival.output_tokens, "seed": index},
-                        }
-                        response = await http.post("/api/generate", json=body)
-                        if response.status_code != 200:
-                            return False, 0, "-"
-                        model = response.headers.get("X-GPU-Model", "?")
-                        return True, int(response.json().get("eval_count") or 0), model
+                async def llm(index: int, arrival: LlmArrival) -> tuple[bool, int, str]:
+                    body = {
+                        "model": arrival.intent,
+                        "prompt": arrival.prompt,
+                        "stream": False,
+                        "options": {"num_predict": arrival.output_tokens, "seed": index},
+                    }
+                    response = await http.post("/api/generate", json=body)
+                    if response.status_code != 200:
+                        return False, 0, "-"
+                    model = response.headers.get("X-GPU-Model", "?")
+                    return True, int(response.json().get("eval_count") or 0), model
 
-                    async def image(arrival: ImageArrival) -> bool:
-                        response = await http.post(
-                            "/v1/images", json={"workflow": workflow_for(arrival)}
-                        )
-                        if response.status_code != 202:
-                            return False
-                        job_id = response.json()["id"]
-                        async with http.stream("GET", f"/v1/images/{job_id}/events") as events:
-                            last = "held"
-                            async for line in events.aiter_lines():
-                                if line.strip():
-                                    last = httpx.Response(200, content=line).json()["state"]
-                        return last == "succeeded"
+                async def image(arrival: ImageArrival) -> bool:
+                    response = await http.post(
+                        "/v1/images", json={"workflow": workflow_for(arrival)}
+                    )
+                    if response.status_code != 202:
+                        return False
+                    job_id = response.json()["id"]
+                    async with http.stream("GET", f"/v1/images/{job_id}/events") as events:
+                        last = "held"
+                        async for line in events.aiter_lines():
+                            if line.strip():
+                                last = json.loads(line)["state"]
+                    return last == "succeeded"
 
-                    outcome = await Replay(desktop).run(arrivals, llm, image)
+                outcome = await Replay(desktop).run(arrivals, llm, image)
     finally:
         await desktop.stop()
     return outcome, desktop

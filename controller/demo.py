@@ -21,10 +21,7 @@ from rich.live import Live
 from rich.table import Table
 
 from controller.client import StudioClient, StudioError
-from controller.daemon import running_controller
-from controller.settings import AgentEndpoint, ControllerSettings
-from gpu_agent.daemon import running_agent
-from gpu_agent.settings import AgentSettings
+from controller.simulated import simulated_stack
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, busy_hour, percentile
@@ -220,46 +217,39 @@ async def run(console: Console, out_dir: Path) -> Path:
     await desktop.start()
     tally = Tally()
     try:
-        agent_settings = AgentSettings(port=0, simulate=True, sample_interval_s=0.1, token=TOKEN)
-        async with running_agent(agent_settings, desktop) as agent:
-            settings = ControllerSettings(
-                port=0,
-                data_dir=out_dir / "controller",
-                agents=[AgentEndpoint(name="desktop", url=agent.url, token=TOKEN)],
+        async with (
+            simulated_stack(
+                desktop,
+                out_dir / "controller",
                 token=TOKEN,
+                sample_interval_s=0.1,
                 tick_interval_s=0.1,
                 llm_wait_s=120.0,
-                # The controller runs on real time; the desktop runs SPEED times faster.
-                min_residency_s=30.0 / SPEED,
-                max_hold_s=60.0 / SPEED,
-                image_yield_s=20.0 / SPEED,
+            ) as stack,
+            StudioClient(stack.controller.url, token=TOKEN, timeout_s=600) as client,
+        ):
+            console.print(
+                f"controller {stack.controller.url} -> agent {stack.agent.url} -> simulated "
+                f"desktop "
+                f"(x{SPEED:g} speed): {total_llm} LLM requests and "
+                f"{len(arrivals) - total_llm} image jobs over {arrivals[-1].at_s:.0f} s"
             )
-            async with (
-                running_controller(settings) as controller,
-                StudioClient(controller.url, token=TOKEN, timeout_s=600) as client,
-            ):
-                await controller.engine.links["desktop"].wait_for_snapshot(10.0)
-                console.print(
-                    f"controller {controller.url} -> agent {agent.url} -> simulated desktop "
-                    f"(x{SPEED:g} speed): {total_llm} LLM requests and "
-                    f"{len(arrivals) - total_llm} image jobs over {arrivals[-1].at_s:.0f} s"
-                )
-                t0 = desktop.clock.now()
-                stop = asyncio.Event()
-                sampler = asyncio.create_task(_sample(desktop, tally, t0, stop))
-                replay = asyncio.create_task(_replay(client, desktop, arrivals, tally, t0))
-                with Live(console=console, refresh_per_second=4, transient=False) as live:
-                    while not replay.done():
-                        live.update(_live_view(tally, total_llm, len(arrivals) - total_llm,
-                                               desktop.clock.now() - t0))  # fmt: skip
-                        await asyncio.wait({replay}, timeout=0.25)
+            t0 = desktop.clock.now()
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample(desktop, tally, t0, stop))
+            replay = asyncio.create_task(_replay(client, desktop, arrivals, tally, t0))
+            with Live(console=console, refresh_per_second=4, transient=False) as live:
+                while not replay.done():
                     live.update(_live_view(tally, total_llm, len(arrivals) - total_llm,
                                            desktop.clock.now() - t0))  # fmt: skip
-                console.print()
-                await replay
-                stop.set()
-                await sampler
-                budget = desktop.gpu.total_bytes - settings.reserve_bytes
+                    await asyncio.wait({replay}, timeout=0.25)
+                live.update(_live_view(tally, total_llm, len(arrivals) - total_llm,
+                                       desktop.clock.now() - t0))  # fmt: skip
+            console.print()
+            await replay
+            stop.set()
+            await sampler
+            budget = desktop.gpu.total_bytes - stack.controller.engine.settings.reserve_bytes
     finally:
         await desktop.stop()
     _summary(console, tally, desktop)

@@ -1,0 +1,64 @@
+"""The whole system on a simulated desktop, in one process: agent and controller on loopback.
+
+Used by the demo and the benchmarks. The controller runs on real time while the desktop runs
+`speed` times faster, so its policy times (minimum residency, longest hold, image yield) are
+divided by the speed: they keep their meaning in simulated seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.daemon import RunningController, running_controller
+from controller.settings import AgentEndpoint, ControllerSettings
+from gpu_agent.daemon import RunningAgent, running_agent
+from gpu_agent.settings import AgentSettings
+from gpu_agent.sim.desktop import SimDesktop
+
+AGENT_NAME = "desktop"
+FIRST_SNAPSHOT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class SimulatedStack:
+    agent: RunningAgent
+    controller: RunningController
+
+
+@contextlib.asynccontextmanager
+async def simulated_stack(
+    desktop: SimDesktop,
+    data_dir: Path,
+    *,
+    token: str,
+    sample_interval_s: float,
+    tick_interval_s: float,
+    llm_wait_s: float,
+) -> AsyncIterator[SimulatedStack]:
+    """An agent on `desktop` (already started) and a controller following it, ready to use."""
+    speed = desktop.clock.speed
+
+    def simulated(name: str) -> float:
+        return float(ControllerSettings.model_fields[name].default) / speed
+
+    agent_settings = AgentSettings(
+        port=0, simulate=True, sample_interval_s=sample_interval_s, token=token
+    )
+    async with running_agent(agent_settings, desktop) as agent:
+        settings = ControllerSettings(
+            port=0,
+            data_dir=data_dir,
+            agents=[AgentEndpoint(name=AGENT_NAME, url=agent.url, token=token)],
+            token=token,
+            tick_interval_s=tick_interval_s,
+            llm_wait_s=llm_wait_s,
+            min_residency_s=simulated("min_residency_s"),
+            max_hold_s=simulated("max_hold_s"),
+            image_yield_s=simulated("image_yield_s"),
+        )
+        async with running_controller(settings) as controller:
+            await controller.engine.links[AGENT_NAME].wait_for_snapshot(FIRST_SNAPSHOT_TIMEOUT_S)
+            yield SimulatedStack(agent, controller)
