@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from email.message import Message
 from typing import Any, TypeVar
@@ -40,6 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from controller.errors import AgentRejected, AgentUnavailable
+from gpu_agent import clock
 from gpu_agent.schema import (
     AgentEvent,
     AgentStatus,
@@ -156,7 +156,7 @@ class AgentLink:
         reconnect_initial_s: float = 0.2,
         reconnect_max_s: float = 5.0,
         on_event: Callable[[str, AgentEvent], None] | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = clock.monotonic_s,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name

@@ -15,7 +15,6 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +28,7 @@ from controller.engine import Engine
 from controller.errors import AgentError, BadRequest, ControllerError, NoCapacity, NotFound
 from controller.metrics import make_registry, render
 from controller.schema import FleetInfo, ImageJobInfo, ImageSubmit, ModelsInfo
+from gpu_agent import clock
 from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
 from gpu_agent.api import (
     auth_middleware,
@@ -80,7 +80,7 @@ def _ascii(text: str, limit: int = 400) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return clock.utc_now().isoformat().replace("+00:00", "Z")
 
 
 # -- Ollama-compatible LLM routes ------------------------------------------------------------

@@ -29,7 +29,6 @@ import email.utils
 import json
 import logging
 import math
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ import pydantic
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from controller.schema import FleetInfo, ImageJobInfo, ModelsInfo
+from gpu_agent import clock
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _error_from_response(response: httpx.Response, what: str) -> StudioError:
     if not message:
         message = response.text[:_SNIPPET_CHARS].strip() or response.reason_phrase
     if status == 503:
-        retry_after = _retry_after_s(response.headers.get("Retry-After"), datetime.now(UTC))
+        retry_after = _retry_after_s(response.headers.get("Retry-After"), clock.utc_now())
         return StudioBusy(message, retry_after_s=retry_after, code=code)
     if status >= 500:
         return StudioUnavailable(
@@ -768,7 +768,7 @@ class ImageJob:
         """The job's final state, waiting at most `timeout_s` (default: the client's
         `timeout_s`); then `StudioTimeout`. A failed or cancelled job is returned, not raised."""
         limit_s = self._client.timeout_s if timeout_s is None else timeout_s
-        started = time.monotonic()
+        started = clock.monotonic_s()
         try:
             async with asyncio.timeout(limit_s):
                 while not self.done:
@@ -782,7 +782,7 @@ class ImageJob:
                     if not self.done:
                         await asyncio.sleep(_RESUBSCRIBE_S)
         except TimeoutError as exc:
-            elapsed_s = time.monotonic() - started
+            elapsed_s = clock.monotonic_s() - started
             raise StudioTimeout(
                 f"image job {self.id} still {self.info.state} after {elapsed_s:.1f} s",
                 reached_server=True,

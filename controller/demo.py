@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +21,12 @@ from rich.table import Table
 
 from controller.client import StudioClient, StudioError
 from controller.simulated import simulated_stack
+from gpu_agent import clock
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, busy_hour, percentile
+from gpu_agent.virtual_time import run_virtual
 
-SPEED = 12.0
 TOKEN = "demo-token"
 GIB = 1024**3
 SAMPLE_SIM_S = 1.0
@@ -213,7 +213,7 @@ def _picture(tally: Tally, budget_gib: float, total_gib: float, path: Path) -> N
 async def run(console: Console, out_dir: Path) -> Path:
     arrivals = busy_hour(span_s=300, llm_requests=30, sdxl_bursts=3, sdxl_per_burst=3, sd15_jobs=5)
     total_llm = sum(isinstance(a, LlmArrival) for a in arrivals)
-    desktop = SimDesktop(speed=SPEED, data_dir=out_dir / "desktop")
+    desktop = SimDesktop(data_dir=out_dir / "desktop")
     await desktop.start()
     tally = Tally()
     try:
@@ -230,8 +230,7 @@ async def run(console: Console, out_dir: Path) -> Path:
         ):
             console.print(
                 f"controller {stack.controller.url} -> agent {stack.agent.url} -> simulated "
-                f"desktop "
-                f"(x{SPEED:g} speed): {total_llm} LLM requests and "
+                f"desktop on virtual time: {total_llm} LLM requests and "
                 f"{len(arrivals) - total_llm} image jobs over {arrivals[-1].at_s:.0f} s"
             )
             t0 = desktop.clock.now()
@@ -260,11 +259,11 @@ async def run(console: Console, out_dir: Path) -> Path:
 
 def main() -> int:
     console = Console()
-    started = time.monotonic()
+    started = clock.perf_s()
     out_dir = Path(tempfile.mkdtemp(prefix="gpu-agent-demo-"))
-    picture = asyncio.run(run(console, out_dir))
+    picture = run_virtual(run(console, out_dir))
     console.print(f"picture of the GPU over time: [bold]{picture}[/]")
-    console.print(f"[dim]demo took {time.monotonic() - started:.0f} s[/]")
+    console.print(f"[dim]demo took {clock.perf_s() - started:.1f} s[/]")
     return 0
 
 

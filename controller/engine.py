@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from controller.agents import AgentLink
 from controller.domain.types import AgentState, ModelProfile
@@ -24,13 +23,10 @@ from controller.pulse import Pulse
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo, ModelInfo, ModelsInfo
 from controller.settings import ControllerSettings
 from controller.store import AsyncJobStore
+from gpu_agent import clock as clock_mod
 from gpu_agent.schema import AgentEvent, AgentStatus, AvailableModelInfo
 
 log = logging.getLogger(__name__)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def service_trouble(status: AgentStatus | None) -> str | None:
@@ -54,8 +50,8 @@ class Engine:
         settings: ControllerSettings,
         store: AsyncJobStore,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], datetime] = utc_now,
+        clock: Callable[[], float] = clock_mod.monotonic_s,
+        wall: Callable[[], datetime] = clock_mod.utc_now,
     ) -> None:
         from controller.images import ImageScheduler
         from controller.llm import LlmRouter

@@ -1,8 +1,9 @@
 """The whole system on a simulated desktop, in one process: agent and controller on loopback.
 
-Used by the demo and the benchmarks. The controller runs on real time while the desktop runs
-`speed` times faster, so its policy times (minimum residency, longest hold, image yield) are
-divided by the speed: they keep their meaning in simulated seconds.
+Used by the demo and the benchmarks. Run it on a `gpu_agent.virtual_time.VirtualTimeLoop`: the
+desktop, the agent and the controller then share one virtual clock, so every policy time
+(minimum residency, longest hold, image yield) keeps its meaning in simulated seconds and every
+figure is the same however busy the machine is.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ async def simulated_stack(
     llm_wait_s: float,
 ) -> AsyncIterator[SimulatedStack]:
     """An agent on `desktop` (already started) and a controller following it, ready to use."""
-    speed = desktop.clock.speed
-
-    def simulated(name: str) -> float:
-        return float(ControllerSettings.model_fields[name].default) / speed
-
     agent_settings = AgentSettings(
         port=0, simulate=True, sample_interval_s=sample_interval_s, token=token
     )
@@ -55,9 +51,6 @@ async def simulated_stack(
             token=token,
             tick_interval_s=tick_interval_s,
             llm_wait_s=llm_wait_s,
-            min_residency_s=simulated("min_residency_s"),
-            max_hold_s=simulated("max_hold_s"),
-            image_yield_s=simulated("image_yield_s"),
         )
         async with running_controller(settings) as controller:
             await controller.engine.links[AGENT_NAME].wait_for_snapshot(FIRST_SNAPSHOT_TIMEOUT_S)

@@ -24,10 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +34,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from gpu_agent import clock
 from gpu_agent.comfyui_state import (
     FINAL_STATES,
     EventKind,
@@ -102,7 +101,7 @@ class ComfyUIController:
         quiet_after_s: float = 5.0,
         on_event: Callable[[PromptEvent], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = clock.monotonic_s,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._client_id = client_id
@@ -209,7 +208,7 @@ class ComfyUIController:
             return track.record
         future: asyncio.Future[PromptRecord] = asyncio.get_running_loop().create_future()
         self._submitting[pid] = future
-        self._tracks[pid] = new_track(pid, submitted_at=_utc_now(), nodes_total=len(workflow))
+        self._tracks[pid] = new_track(pid, submitted_at=clock.utc_now(), nodes_total=len(workflow))
         try:
             record = await self._submit(pid, workflow, look_first=prompt_id is not None)
         except BaseException as exc:
@@ -271,7 +270,7 @@ class ComfyUIController:
             return False
         track = self._tracks[pid]
         transition = reconcile(
-            track, running_ids=running, pending_ids=pending, history=history, now=_utc_now()
+            track, running_ids=running, pending_ids=pending, history=history, now=clock.utc_now()
         )
         self._tracks[pid] = transition.track
         return True
@@ -554,7 +553,7 @@ class ComfyUIController:
         prompt_id = message.prompt_id
         if prompt_id is None or prompt_id not in self._tracks:
             return
-        self._apply(prompt_id, lambda t: apply_message(t, message, _utc_now()))
+        self._apply(prompt_id, lambda t: apply_message(t, message, clock.utc_now()))
 
     def _recycle_deaf_socket(self) -> None:
         """The socket stayed open but missed an outcome polling found: open a fresh one."""
@@ -631,10 +630,6 @@ class ComfyUIController:
         return settled
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _reconcile_now(
     track: PromptTrack,
     *,
@@ -643,12 +638,12 @@ def _reconcile_now(
     history: Mapping[str, Any] | None,
 ) -> Transition:
     return reconcile(
-        track, running_ids=running, pending_ids=pending, history=history, now=_utc_now()
+        track, running_ids=running, pending_ids=pending, history=history, now=clock.utc_now()
     )
 
 
 def _settle_from_history(track: PromptTrack, *, entry: Mapping[str, Any]) -> Transition:
-    return apply_history(track, entry, _utc_now())
+    return apply_history(track, entry, clock.utc_now())
 
 
 def _json_or_none(response: httpx.Response) -> Any:

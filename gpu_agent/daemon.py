@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gpu_agent import clock as clock_mod
 from gpu_agent.api import create_app
 from gpu_agent.comfyui import ComfyUIController
 from gpu_agent.gpu.probe import GpuProbe
@@ -105,7 +105,7 @@ async def running_agent(
             sample_interval_s=settings.sample_interval_s,
             unload_timeout_s=settings.unload_timeout_s,
             free_timeout_s=settings.free_timeout_s,
-            clock=clock or time.monotonic,
+            clock=clock or clock_mod.monotonic_s,
             # Twice within the staleness limit, so an idle agent never looks stale to a
             # listener that uses the same limit.
             snapshot_heartbeat_s=settings.stale_after_s / 2,
@@ -177,7 +177,7 @@ async def serve(
         last_line = ""
         while not stop.is_set():
             latest = service.sampler.latest
-            age = latest.age_s(time.monotonic()) if latest is not None else None
+            age = latest.age_s(clock_mod.monotonic_s()) if latest is not None else None
             fresh = should_ping_watchdog(age, settings.stale_after_s)
             if fresh:
                 notifier.watchdog()

@@ -13,14 +13,13 @@ import contextlib
 import dataclasses
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from gpu_agent import __version__
+from gpu_agent import __version__, clock
 from gpu_agent.comfyui import FINAL_STATES, ComfyUIController, PromptEvent, PromptRecord
 from gpu_agent.errors import (
     ComfyUIError,
@@ -110,8 +109,8 @@ class AgentService:
         sample_interval_s: float = 1.0,
         unload_timeout_s: float = 15.0,
         free_timeout_s: float = 120.0,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = clock.monotonic_s,
+        wall: Callable[[], datetime] = clock.utc_now,
         snapshot_heartbeat_s: float = SNAPSHOT_HEARTBEAT_S,
     ) -> None:
         self.name = name
@@ -281,7 +280,7 @@ class AgentService:
                 pass
             status = self.status()
             digest = _digest(status)
-            now_s = time.monotonic()
+            now_s = clock.monotonic_s()
             if digest != self._last_digest or now_s - last_sent_s >= self.snapshot_heartbeat_s:
                 self._last_digest = digest
                 last_sent_s = now_s
@@ -320,7 +319,7 @@ class AgentService:
             backend=snap.backend,
             driver_version=snap.driver_version,
             taken_at=snap.taken_at,
-            age_s=round(snap.age_s(time.monotonic()), 3),
+            age_s=round(snap.age_s(clock.monotonic_s()), 3),
             sample_interval_s=self.sample_interval_s,
             gpus=[
                 gpu_info(g, owners)
@@ -475,7 +474,7 @@ class AgentService:
     async def _await_unloaded(
         self, runner: RunningModel, baseline: int | None, started: float
     ) -> tuple[int, str]:
-        deadline = time.monotonic() + self.unload_timeout_s
+        deadline = clock.monotonic_s() + self.unload_timeout_s
         target = RECOVERED_SHARE * runner.vram_bytes
         freed = 0
         while True:
@@ -487,7 +486,7 @@ class AgentService:
             elif await self._find_running(runner.name) is None:
                 # No GPU reading (or a CPU-only runner): Ollama's own listing is all we have.
                 return runner.vram_bytes, "ollama"
-            if time.monotonic() >= deadline:
+            if clock.monotonic_s() >= deadline:
                 raise UnloadTimeout(
                     f"asked Ollama to unload {runner.name} {self._clock() - started:.1f} s ago, "
                     f"but NVML shows only {freed} of its {runner.vram_bytes} bytes released"
@@ -516,7 +515,7 @@ class AgentService:
         await self.comfyui.free(
             unload_models=request.unload_models, free_memory=request.free_memory
         )
-        deadline = time.monotonic() + self.free_timeout_s
+        deadline = clock.monotonic_s() + self.free_timeout_s
         while True:
             stats = await self.comfyui.system_stats()
             reserved = _torch_reserved_bytes(stats)
@@ -539,7 +538,7 @@ class AgentService:
                         wait_s=round(self._clock() - started, 4),
                         confirmed_by="nvml",
                     )
-            if time.monotonic() >= deadline:
+            if clock.monotonic_s() >= deadline:
                 held = "a prompt is running and " if running else ""
                 raise FreeTimeout(
                     f"asked ComfyUI to free memory {self._clock() - started:.1f} s ago, but "

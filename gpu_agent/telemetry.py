@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
+from gpu_agent import clock
 from gpu_agent.errors import ProbeError
 from gpu_agent.gpu.attribution import ProcessLookup, attribute, describe_pid, name_processes
 from gpu_agent.gpu.probe import GpuProbe, GpuReading
@@ -68,10 +68,6 @@ class _GpuSample:
     driver_version: str | None
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class TelemetrySampler:
     """Samples a `GpuProbe` and the host periodically and publishes `TelemetrySnapshot`s.
 
@@ -86,9 +82,9 @@ class TelemetrySampler:
         *,
         interval_s: float = 1.0,
         host_reader: Callable[[], HostReading] = read_host,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = clock.monotonic_s,
         retry_init_s: float = 10.0,
-        wall_clock: Callable[[], datetime] = _utc_now,
+        wall_clock: Callable[[], datetime] = clock.utc_now,
         process_lookup: ProcessLookup = describe_pid,
     ) -> None:
         if interval_s <= 0:

@@ -1,30 +1,35 @@
-"""Waiting on conditions in tests: a deadline, never a fixed sleep."""
+"""Waiting on conditions in tests: a deadline on the loop's clock, never a fixed sleep.
+
+On the virtual-time loop a poll costs no real time, and the deadline is in simulated seconds,
+so a slow machine cannot make a wait fail.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections.abc import Callable
 from typing import Any
+
+from gpu_agent import clock
 
 
 async def wait_until(
     condition: Callable[..., Any],
     *,
-    timeout_s: float = 5.0,
-    poll_s: float = 0.005,
+    timeout_s: float = 60.0,
+    poll_s: float = 0.01,
     what: str = "condition",
 ) -> Any:
     """Return the first truthy result of `condition()` (plain or awaitable); fail the test
-    after `timeout_s` real seconds."""
-    deadline = time.monotonic() + timeout_s
+    after `timeout_s` seconds of the loop's clock."""
+    deadline = clock.monotonic_s() + timeout_s
     while True:
         result = condition()
         if inspect.isawaitable(result):
             result = await result
         if result:
             return result
-        if time.monotonic() > deadline:
+        if clock.monotonic_s() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(poll_s)

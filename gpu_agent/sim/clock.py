@@ -1,41 +1,58 @@
-"""Simulated time for the simulated desktop.
+"""Simulated time for the simulated desktop, read from the one clock (`gpu_agent.clock`).
 
 Everything the emulators model (load times, decode speed, diffusion steps, keep-alive expiry) is
-expressed in simulated seconds. `speed` says how many simulated seconds pass per real second, so a
-test can run a 5 s SDXL job in 0.1 s at speed 50 while every reported duration stays realistic.
+expressed in simulated seconds: `speed` simulated seconds pass per second of the running loop.
+
+- In process, on a `VirtualTimeLoop`, the loop's seconds are virtual and `speed` is 1: simulated
+  time is the loop's time, shared with the agent and the controller, and costs only CPU work.
+- The standalone `gpu-agent sim --speed S` runs on a real loop, so real clients can talk to it;
+  there `speed` compresses a 40 s SDXL job into 40 / S real seconds.
+
+The origin is taken at the first reading, so make the clock inside the loop that runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+
+from gpu_agent import clock
 
 
 class SimClock:
-    """Monotonic simulated time, `speed` times faster than real time."""
+    """Simulated seconds: the running loop's seconds times `speed`, from the first reading."""
 
     def __init__(self, speed: float = 1.0, *, wall_epoch: datetime | None = None) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
         self.speed = float(speed)
-        self._real_origin = time.monotonic()
-        self._wall_origin = wall_epoch or datetime.now(UTC)
+        self._origin_s: float | None = None
+        self._wall_origin = wall_epoch
+
+    def _loop_origin_s(self) -> float:
+        if self._origin_s is None:
+            self._origin_s = clock.monotonic_s()
+            if self._wall_origin is None:
+                self._wall_origin = clock.utc_now()
+        return self._origin_s
 
     def now(self) -> float:
-        """Simulated seconds since the clock was made."""
-        return (time.monotonic() - self._real_origin) * self.speed
+        """Simulated seconds since the clock's first reading."""
+        origin_s = self._loop_origin_s()
+        return (clock.monotonic_s() - origin_s) * self.speed
 
     def wall(self) -> datetime:
         """Simulated wall-clock time (UTC), for timestamps on the wire."""
-        return self._wall_origin + timedelta(seconds=self.now())
+        now = self.now()
+        assert self._wall_origin is not None  # set by the first reading
+        return self._wall_origin + timedelta(seconds=now)
 
     def wall_ms(self) -> int:
         """Simulated wall-clock time in integer milliseconds, as ComfyUI stamps its events."""
         return int(self.wall().timestamp() * 1000)
 
     def to_real(self, sim_s: float) -> float:
-        """How many real seconds `sim_s` simulated seconds take."""
+        """How many of the loop's seconds `sim_s` simulated seconds take."""
         return max(0.0, sim_s) / self.speed
 
     async def sleep(self, sim_s: float) -> None:

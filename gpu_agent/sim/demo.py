@@ -11,20 +11,21 @@ import asyncio
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
 
+from gpu_agent import clock
 from gpu_agent.daemon import running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SDXL, text_to_image
 from gpu_agent.status_view import render_status
+from gpu_agent.virtual_time import run_virtual
 
-SPEED = 20.0
+SPEED = 1.0
 GIB = 1024**3
 POLL_S = 0.05
 JOB_TIMEOUT_S = 30.0
@@ -35,8 +36,8 @@ def sdxl_workflow(prefix: str) -> dict[str, Any]:
 
 
 async def wait_prompt(agent: httpx.AsyncClient, prompt_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
+    deadline = clock.monotonic_s() + JOB_TIMEOUT_S
+    while clock.monotonic_s() < deadline:
         info: dict[str, Any] = (await agent.get(f"/v1/comfyui/prompts/{prompt_id}")).json()
         if info["state"] not in ("pending", "running"):
             return info
@@ -110,11 +111,11 @@ async def run(console: Console, out_dir: Path) -> None:
 def main() -> int:
     console = Console()
     out_dir = Path(tempfile.mkdtemp(prefix="gpu-agent-demo-"))
-    started = time.monotonic()
+    started = clock.perf_s()
     try:
-        asyncio.run(run(console, out_dir / "desktop"))
+        run_virtual(run(console, out_dir / "desktop"))
     finally:
-        console.print(f"[dim]demo took {time.monotonic() - started:.1f} s[/]")
+        console.print(f"[dim]demo took {clock.perf_s() - started:.1f} s[/]")
         if "--clean" in sys.argv:
             shutil.rmtree(out_dir, ignore_errors=True)
         else:
