@@ -186,7 +186,8 @@ class AgentLink:
         # When the link last lost (or first tried) the stream, and why; None while connected.
         self._down_since: float | None = None
         self._down_reason: str | None = "not started"
-        self._snapshot_waiters: set[asyncio.Future[AgentStatus]] = set()
+        # A dict, not a set: waiters wake in the order they came, run after run.
+        self._snapshot_waiters: dict[asyncio.Future[AgentStatus], None] = {}
 
     def __repr__(self) -> str:
         return f"AgentLink({self.name!r}, {self.url!r}, connected={self._connected})"
@@ -271,7 +272,7 @@ class AgentLink:
         Raises `AgentUnavailable` when none arrives within `timeout_s` or the link stops.
         """
         waiter: asyncio.Future[AgentStatus] = asyncio.get_running_loop().create_future()
-        self._snapshot_waiters.add(waiter)
+        self._snapshot_waiters[waiter] = None
         try:
             async with asyncio.timeout(timeout_s):
                 return await waiter
@@ -279,7 +280,7 @@ class AgentLink:
             why = "" if self._connected else f" ({self._down_reason})"
             raise AgentUnavailable(self.name, f"no snapshot within {timeout_s:g} s{why}") from None
         finally:
-            self._snapshot_waiters.discard(waiter)
+            self._snapshot_waiters.pop(waiter, None)
 
     def _store_status(self, status: AgentStatus) -> None:
         self._status = status
@@ -489,6 +490,7 @@ class AgentLink:
                 headers=self._headers,
                 timeout=self._timeout(None),
                 transport=self._transport,
+                limits=httpx.Limits(keepalive_expiry=clock.http_keepalive_expiry_s()),
                 # Agents are on the LAN; a proxy from the environment must not see the token.
                 trust_env=False,
             )

@@ -446,6 +446,7 @@ class StudioClient:
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             transport=transport,
             follow_redirects=False,
+            limits=httpx.Limits(keepalive_expiry=clock.http_keepalive_expiry_s()),
         )
 
     async def __aenter__(self) -> StudioClient:

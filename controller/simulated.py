@@ -9,7 +9,7 @@ figure is the same however busy the machine is.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,33 +25,55 @@ FIRST_SNAPSHOT_TIMEOUT_S = 10.0
 
 @dataclass
 class SimulatedStack:
-    agent: RunningAgent
+    """The running agents (one per desktop, in order) and the controller following them."""
+
+    agents: list[RunningAgent]
     controller: RunningController
+
+    @property
+    def agent(self) -> RunningAgent:
+        """The first (for one desktop, the only) agent."""
+        return self.agents[0]
+
+
+def agent_names(count: int) -> list[str]:
+    """The controller's names for `count` simulated desktops' agents."""
+    return [AGENT_NAME] if count == 1 else [f"{AGENT_NAME}-{i + 1}" for i in range(count)]
 
 
 @contextlib.asynccontextmanager
 async def simulated_stack(
-    desktop: SimDesktop,
+    desktops: SimDesktop | Sequence[SimDesktop],
     data_dir: Path,
     *,
     token: str,
-    sample_interval_s: float,
-    tick_interval_s: float,
-    llm_wait_s: float,
+    sample_interval_s: float = 1.0,
+    tick_interval_s: float = 0.5,
+    llm_wait_s: float = 30.0,
 ) -> AsyncIterator[SimulatedStack]:
-    """An agent on `desktop` (already started) and a controller following it, ready to use."""
+    """An agent on each desktop (already started) and a controller following them, ready."""
+    fleet = [desktops] if isinstance(desktops, SimDesktop) else list(desktops)
+    names = agent_names(len(fleet))
     agent_settings = AgentSettings(
         port=0, simulate=True, sample_interval_s=sample_interval_s, token=token
     )
-    async with running_agent(agent_settings, desktop) as agent:
+    async with contextlib.AsyncExitStack() as stack:
+        agents = [
+            await stack.enter_async_context(running_agent(agent_settings, desktop))
+            for desktop in fleet
+        ]
         settings = ControllerSettings(
             port=0,
             data_dir=data_dir,
-            agents=[AgentEndpoint(name=AGENT_NAME, url=agent.url, token=token)],
+            agents=[
+                AgentEndpoint(name=name, url=agent.url, token=token)
+                for name, agent in zip(names, agents, strict=True)
+            ],
             token=token,
             tick_interval_s=tick_interval_s,
             llm_wait_s=llm_wait_s,
         )
-        async with running_controller(settings) as controller:
-            await controller.engine.links[AGENT_NAME].wait_for_snapshot(FIRST_SNAPSHOT_TIMEOUT_S)
-            yield SimulatedStack(agent, controller)
+        controller = await stack.enter_async_context(running_controller(settings))
+        for name in names:
+            await controller.engine.links[name].wait_for_snapshot(FIRST_SNAPSHOT_TIMEOUT_S)
+        yield SimulatedStack(agents, controller)

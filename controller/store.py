@@ -373,11 +373,11 @@ class JobStore:
             return _record(updated)
 
     def unfinished(self) -> builtins.list[JobRecord]:
-        """Every job not in a final state, oldest first (ties by job_id): what to resume."""
+        """Every job not in a final state, oldest first (ties in order of creation): what to resume."""
         final = tuple(FINAL_JOB_STATES)
         marks = ", ".join("?" for _ in final)
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ({marks}) ORDER BY created_at, job_id",
+            f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ({marks}) ORDER BY created_at, rowid",
             final,
         )
         return [_record(row) for row in rows]
@@ -385,12 +385,12 @@ class JobStore:
     def list(
         self, *, states: Collection[JobState] | None = None, limit: int = 100
     ) -> builtins.list[JobRecord]:
-        """Up to `limit` jobs, newest first (ties by job_id, descending), optionally by state."""
+        """Up to `limit` jobs, newest first (ties newest created first), optionally by state."""
         if limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
         if states is None:
             rows = self._read(
-                f"SELECT {_COLUMNS} FROM jobs ORDER BY created_at DESC, job_id DESC LIMIT ?",
+                f"SELECT {_COLUMNS} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?",
                 (limit,),
             )
         else:
@@ -400,7 +400,7 @@ class JobStore:
             marks = ", ".join("?" for _ in wanted)
             rows = self._read(
                 f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks}) "
-                "ORDER BY created_at DESC, job_id DESC LIMIT ?",
+                "ORDER BY created_at DESC, rowid DESC LIMIT ?",
                 (*wanted, limit),
             )
         return [_record(row) for row in rows]

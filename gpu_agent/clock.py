@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -31,6 +32,10 @@ class HasWallEpoch(Protocol):
     wall_epoch: datetime
 
     def time(self) -> float: ...
+
+
+# httpx's default: an idle pooled connection is closed after this long.
+HTTP_KEEPALIVE_S = 5.0
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -49,6 +54,17 @@ def monotonic_s() -> float:
     if loop is None:
         return time.monotonic()
     return loop.time()
+
+
+def loop_clock() -> Callable[[], float]:
+    """The running loop's clock as a function that any thread may call later.
+
+    `monotonic_s()` finds the loop of the calling thread; a worker thread (the NVML sampler's,
+    reading a simulated GPU) has none, and would read the process clock instead of virtual time.
+    With no loop running this is `time.monotonic`.
+    """
+    loop = _running_loop()
+    return time.monotonic if loop is None else loop.time
 
 
 def utc_now() -> datetime:
@@ -70,6 +86,17 @@ def perf_s() -> float:
     Never use it for a deadline or a policy decision: those follow `monotonic_s()`.
     """
     return time.perf_counter()
+
+
+def http_keepalive_expiry_s() -> float | None:
+    """How long an httpx client may keep an idle connection for reuse.
+
+    httpx times keep-alive on the process clock, which virtual time cannot steer: on a
+    virtual-time loop a connection would expire after some real seconds, at a different point
+    of every run. There it is kept until the server closes it (httpx checks before reuse), so a
+    run replays identically. Create clients inside the loop that uses them.
+    """
+    return None if isinstance(_running_loop(), HasWallEpoch) else HTTP_KEEPALIVE_S
 
 
 async def sleep_until(deadline_s: float) -> None:

@@ -117,6 +117,7 @@ class ComfyUIController:
             timeout=httpx.Timeout(request_timeout_s),
             transport=transport,
             trust_env=False,
+            limits=httpx.Limits(keepalive_expiry=clock.http_keepalive_expiry_s()),
         )
         # Every prompt, in submission order. Ids in `_submitting` are being posted: messages
         # already apply to them, but they are not public and not reconciled until POST answers.

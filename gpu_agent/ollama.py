@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from gpu_agent import clock
 from gpu_agent.errors import ModelNotFound, OllamaError, OllamaRejected, OllamaUnavailable
 
 # An expiry this far out means "pinned" (keep_alive < 0); Ollama reports year 2318.
@@ -79,7 +80,11 @@ class OllamaClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(request_timeout_s),
             transport=transport,
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            limits=httpx.Limits(
+                max_connections=512,
+                max_keepalive_connections=64,
+                keepalive_expiry=clock.http_keepalive_expiry_s(),
+            ),
         )
 
     async def aclose(self) -> None:

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # How often a confirmation loop re-reads NVML. Ollama's own VRAM-recovery wait polls every 250 ms.
 CONFIRM_POLL_S = 0.02
+# While a prompt runs, ComfyUI holds a /free until it ends (tens of seconds): poll it gently.
+BUSY_POLL_S = 0.5
 # An unload counts as confirmed once this share of the runner's VRAM is back (as Ollama judges it).
 RECOVERED_SHARE = 0.75
 # ComfyUI's torch allocator holding no more than this counts as "emptied".
@@ -131,7 +133,8 @@ class AgentService:
         self.in_flight: Counter[str] = Counter()
         self._ollama_state = _OllamaState()
         self._comfy_state = _ComfyState()
-        self._subscribers: set[asyncio.Queue[AgentEvent]] = set()
+        # A dict, not a set: subscribers are served in the order they came, run after run.
+        self._subscribers: dict[asyncio.Queue[AgentEvent], None] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_digest: tuple[Any, ...] | None = None
         self._ollama_lock = asyncio.Lock()
@@ -228,11 +231,11 @@ class AgentService:
         """A queue receiving every event from now on, starting with a snapshot."""
         queue: asyncio.Queue[AgentEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
         queue.put_nowait(AgentEvent(type="snapshot", at=self._wall(), status=self.status()))
-        self._subscribers.add(queue)
+        self._subscribers[queue] = None
         try:
             yield queue
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.pop(queue, None)
 
     def _publish(self, event: AgentEvent) -> None:
         for queue in self._subscribers:
@@ -544,7 +547,7 @@ class AgentService:
                     f"asked ComfyUI to free memory {self._clock() - started:.1f} s ago, but "
                     f"{held}its allocator still holds {reserved} bytes"
                 )
-            await asyncio.sleep(CONFIRM_POLL_S)
+            await asyncio.sleep(BUSY_POLL_S if running else CONFIRM_POLL_S)
 
 
 def _torch_reserved_bytes(stats: dict[str, Any]) -> int:

@@ -10,8 +10,9 @@ Rules that keep the jump honest:
   already in the peer's receive queue when `send()` returns, so a poll that finds nothing means
   nothing is in flight.
 - While a job submitted with `run_in_executor` (or `asyncio.to_thread`) has not handed its
-  result back to the loop, time stands still: the loop waits for it in real time. The SQLite
-  store and the NVML sampler run on such threads.
+  result back to the loop, time stands still: the loop waits for it in real time, and results
+  come back in submission order at the loop's next poll, so a run replays identically. The
+  SQLite store and the NVML sampler run on such threads.
 - With no timer at all, the loop blocks on its sockets as any loop does.
 
 Processes started as subprocesses, and the standalone `gpu-agent sim`, run on real time:
@@ -24,8 +25,14 @@ because neither knows about executor threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import selectors
-from collections.abc import Callable, Coroutine
+import socket
+import struct
+import threading
+from asyncio import selector_events
+from collections.abc import Callable, Collection, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -37,20 +44,41 @@ DEFAULT_WALL_EPOCH = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 DEFAULT_START_S = 1000.0
 # While an executor job runs, how long one real wait lasts before the loop looks again.
 EXECUTOR_POLL_S = 0.05
+# Offsets in Linux's `struct tcp_info` (linux/tcp.h): tcpi_bytes_received, tcpi_notsent_bytes,
+# tcpi_bytes_sent, tcpi_bytes_retrans; the struct is at least this long on every kernel that
+# has all four (4.19+).
+_BYTES_RECEIVED_AT = 128
+_NOTSENT_BYTES_AT = 144
+_BYTES_SENT_AT = 200
+_BYTES_RETRANS_AT = 208
+_TCP_INFO_BYTES = 216
+# The longest real wait for written data to reach its peer before the loop polls anyway.
+LANDING_LIMIT_S = 2.0
+# While loopback data is still in the kernel between two of our sockets, one real wait.
+IN_FLIGHT_POLL_S = 0.0002
+# How long the loop waits for an executor result before it concludes the job waits on the loop.
+EXECUTOR_SETTLE_S = 0.5
 
 
-class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _JumpingSelector(selectors.DefaultSelector):
     """A selector that never sleeps on a timer: it asks its loop to jump the clock instead."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loop: VirtualTimeLoop | None = None
+        # fd -> (local, remote) addresses of a TCP socket, or None for any other file; and back.
+        self._ends: dict[int, tuple[Any, Any] | None] = {}
+        self._fd_by_ends: dict[tuple[Any, Any], int] = {}
+        self._nap = threading.Event()  # never set: a real pause that reads no clock
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        settled = self.loop is None or self.loop._settle_executor_jobs()
+        if self.loop is not None and self.loop.written_fds:
+            self._await_landing(self.loop.written_fds)
         ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
         if ready or (timeout is not None and timeout <= 0) or self.loop is None:
             return ready
-        if self.loop.executor_jobs:
+        if not settled:
             # A thread is working for us: its result must land before time may move.
             wait_s = EXECUTOR_POLL_S if timeout is None else min(timeout, EXECUTOR_POLL_S)
             real: list[tuple[selectors.SelectorKey, int]] = super().select(wait_s)
@@ -58,8 +86,100 @@ class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         if timeout is None:
             blocked: list[tuple[selectors.SelectorKey, int]] = super().select(None)
             return blocked
+        if self._in_flight():
+            # Loopback data is still on its way between two of our sockets: it will land in a
+            # moment, and nothing may happen later than it in virtual time.
+            waited: list[tuple[selectors.SelectorKey, int]] = super().select(IN_FLIGHT_POLL_S)
+            return waited
         self.loop.advance(timeout)
         return []
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = super().unregister(fileobj)
+        ends = self._ends.pop(key.fd, None)
+        if ends is not None:
+            self._fd_by_ends.pop(ends, None)
+        return key
+
+    def _await_landing(self, written_fds: set[int]) -> None:
+        """Wait (in real time) until what the sockets in `written_fds` sent has reached their
+        peers' receive queues, then forget them.
+
+        A poll then sees exactly the data written before it, however the kernel split and timed
+        the transfer, so each run of the loop reads the same bytes at the same point."""
+        deadline_s = LANDING_LIMIT_S
+        while deadline_s > 0 and self._in_flight(written_fds):
+            self._nap.wait(IN_FLIGHT_POLL_S)
+            deadline_s -= IN_FLIGHT_POLL_S
+        written_fds.clear()
+
+    def _in_flight(self, fds: Collection[int] | None = None) -> bool:
+        """Whether loopback data sent from one of `fds` (default: every socket of this loop) is
+        not yet in its peer's receive queue: held unsent by the sender's kernel (TCP small
+        queues defer part of a large write), or sent but not yet received (the kernel's softirq
+        has not run yet; under load it runs later). Peers outside this loop are not checked."""
+        registered = self.get_map()
+        for fd in registered.keys() if fds is None else fds:
+            counters = self._counters(fd)
+            if counters is None:
+                continue
+            if counters.unsent:
+                return True
+            peer_fd = self._fd_by_ends.get((counters.remote, counters.local))
+            if peer_fd is None or peer_fd not in registered:
+                continue
+            peer = self._counters(peer_fd)
+            if peer is not None and counters.sent > peer.received:
+                return True
+        return False
+
+    def _counters(self, fd: int) -> _TcpCounters | None:
+        if fd not in self._ends:
+            ends = _socket_ends(fd)
+            self._ends[fd] = ends
+            if ends is not None:
+                self._fd_by_ends[ends] = fd
+        ends = self._ends[fd]
+        if ends is None:
+            return None
+        sock = socket.socket(fileno=fd)
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+        except OSError:
+            return None
+        finally:
+            sock.detach()  # the fd belongs to the loop's transport
+        if len(info) < _TCP_INFO_BYTES:
+            return None
+        (received,) = struct.unpack_from("=Q", info, _BYTES_RECEIVED_AT)
+        (unsent,) = struct.unpack_from("=I", info, _NOTSENT_BYTES_AT)
+        (sent,) = struct.unpack_from("=Q", info, _BYTES_SENT_AT)
+        # Retransmitted bytes count in tcpi_bytes_sent again (a tail-loss probe on loopback).
+        (retransmitted,) = struct.unpack_from("=Q", info, _BYTES_RETRANS_AT)
+        sent -= retransmitted
+        return _TcpCounters(ends[0], ends[1], sent=sent, received=received, unsent=unsent)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _TcpCounters:
+    local: Any
+    remote: Any
+    sent: int
+    received: int
+    unsent: int
+
+
+def _socket_ends(fd: int) -> tuple[Any, Any] | None:
+    """(local, remote) address of a connected TCP socket; None for anything else."""
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None  # a listening socket, or one not connected yet
+    finally:
+        sock.detach()
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -77,7 +197,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     ) -> None:
         self._virtual_s = float(start_s)
         self.wall_epoch = wall_epoch
-        self.executor_jobs = 0
+        self._executor_jobs: list[_ExecutorJob] = []
+        # Sockets written to since the last poll (see `_JumpingSelector._await_landing`).
+        self.written_fds: set[int] = set()
         self.jumps = 0
         selector = _JumpingSelector()
         super().__init__(selector)
@@ -92,25 +214,127 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if seconds <= 0:
             return
         target = self._virtual_s + seconds
-        if self._scheduled:
+        scheduled: list[asyncio.TimerHandle] = getattr(self, "_scheduled")  # noqa: B009
+        if scheduled:
             # Land exactly on the timer, so float rounding never leaves it a hair in the future.
-            head_s: float = self._scheduled[0].when()
+            head_s: float = scheduled[0].when()
             if abs(head_s - target) < 1e-6:
                 target = head_s
         self._virtual_s = max(self._virtual_s, target)
         self.jumps += 1
 
+    def _make_socket_transport(  # type: ignore[override]
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[Any] | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        server: Any = None,
+    ) -> asyncio.Transport:
+        return _TrackedSocketTransport(self, sock, protocol, waiter, extra, server)
+
+    async def _sendfile_native(self, transp: Any, file: Any, offset: int, count: int | None) -> int:
+        # os.sendfile writes behind the transport's back; the fallback writes through it, so
+        # every byte sent is tracked.
+        raise asyncio.SendfileNotAvailableError("sendfile is off on virtual time")
+
     def run_in_executor(  # type: ignore[override]
         self, executor: Any, func: Callable[..., T], *args: Any
     ) -> asyncio.Future[T]:
-        """As asyncio's, but time stands still until the job's result is back on the loop."""
-        future = super().run_in_executor(executor, func, *args)
-        self.executor_jobs += 1
-        future.add_done_callback(self._executor_job_done)
+        """As asyncio's, but the loop waits for the job: virtual time stands still while it
+        runs, and results come back in submission order (see `_settle_executor_jobs`)."""
+        future: asyncio.Future[T] = self.create_future()
+        job = _ExecutorJob(previous=self._executor_jobs[-1] if self._executor_jobs else None)
+        self._executor_jobs.append(job)
+
+        def work() -> None:
+            try:
+                result = func(*args)
+            except BaseException as exc:  # handed to the awaiting task, as asyncio does
+                job.deliver(self, future, None, exc)
+            else:
+                job.deliver(self, future, result, None)
+
+        if executor is None:
+            if getattr(self, "_default_executor", None) is None:
+                self.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio"))
+            executor = getattr(self, "_default_executor")  # noqa: B009 - asyncio's own slot
+        # Submitted directly, not through asyncio's run_in_executor: that would hand the result
+        # back a second time, waking the loop at a moment only the thread's timing decides.
+        executor.submit(work)
+        # Wait for the job here, before the loop runs on: it then sees the state of the world
+        # exactly as it was when it was submitted, and its result is back before anything else
+        # happens, so a run replays identically.
+        if job.delivered.wait(EXECUTOR_SETTLE_S):
+            # The result is queued on the loop already; drain the wake-up byte it wrote too, or
+            # the next poll would see it and split this iteration in two at a random point.
+            getattr(self, "_read_from_self")()  # noqa: B009 - asyncio's own self-pipe reader
         return future
 
-    def _executor_job_done(self, _future: asyncio.Future[Any]) -> None:
-        self.executor_jobs -= 1
+    @property
+    def executor_jobs(self) -> int:
+        """Executor jobs whose results are not yet back on the loop."""
+        return sum(not job.delivered.is_set() for job in self._executor_jobs)
+
+    def _settle_executor_jobs(self) -> bool:
+        """Forget delivered executor jobs; True when none is left outstanding.
+
+        A job still running `EXECUTOR_SETTLE_S` after it was submitted is presumably waiting on
+        this loop itself (a synchronous client in a thread calling a server on the loop): the
+        loop serves it with real waits until it ends, without moving the clock.
+        """
+        while self._executor_jobs and self._executor_jobs[0].delivered.is_set():
+            self._executor_jobs.pop(0)
+        return all(job.delivered.is_set() for job in self._executor_jobs)
+
+
+class _TrackedSocketTransport(selector_events._SelectorSocketTransport):  # type: ignore[name-defined,misc]
+    """asyncio's socket transport, noting on its loop which sockets wrote."""
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        self._loop.written_fds.add(self._sock_fd)
+
+    def _write_ready(self) -> None:
+        super()._write_ready()
+        self._loop.written_fds.add(self._sock_fd)
+
+
+class _ExecutorJob:
+    """One executor job's hand-back: results are delivered to the loop in submission order."""
+
+    __slots__ = ("delivered", "previous")
+
+    def __init__(self, previous: _ExecutorJob | None) -> None:
+        self.delivered = threading.Event()
+        self.previous = previous
+
+    def deliver(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        result: Any,
+        exc: BaseException | None,
+    ) -> None:
+        if self.previous is not None:
+            self.previous.delivered.wait()
+            self.previous = None
+        try:
+            loop.call_soon_threadsafe(_settle, future, result, exc)
+        except RuntimeError:
+            pass  # the loop closed while the job ran: nobody is waiting for it
+        finally:
+            self.delivered.set()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def run_virtual(

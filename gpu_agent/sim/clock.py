@@ -8,12 +8,15 @@ expressed in simulated seconds: `speed` simulated seconds pass per second of the
 - The standalone `gpu-agent sim --speed S` runs on a real loop, so real clients can talk to it;
   there `speed` compresses a 40 s SDXL job into 40 / S real seconds.
 
-The origin is taken at the first reading, so make the clock inside the loop that runs it.
+The origin, and the loop whose clock it follows, are taken at the first reading, so make the
+first reading inside the loop that runs the desktop. Later readings may come from any thread:
+the agent's telemetry reads the simulated GPU on a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from gpu_agent import clock
@@ -26,20 +29,21 @@ class SimClock:
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
         self.speed = float(speed)
-        self._origin_s: float | None = None
+        self._origin_s = 0.0
         self._wall_origin = wall_epoch
+        self._source: Callable[[], float] | None = None
 
-    def _loop_origin_s(self) -> float:
-        if self._origin_s is None:
-            self._origin_s = clock.monotonic_s()
+    def _loop_time(self) -> float:
+        if self._source is None:
+            self._source = clock.loop_clock()
+            self._origin_s = self._source()
             if self._wall_origin is None:
                 self._wall_origin = clock.utc_now()
-        return self._origin_s
+        return self._source()
 
     def now(self) -> float:
         """Simulated seconds since the clock's first reading."""
-        origin_s = self._loop_origin_s()
-        return (clock.monotonic_s() - origin_s) * self.speed
+        return (self._loop_time() - self._origin_s) * self.speed
 
     def wall(self) -> datetime:
         """Simulated wall-clock time (UTC), for timestamps on the wire."""

@@ -360,7 +360,11 @@ class PromptWorker:
             timeout_real_s = None
             if gc_due_s is not None:
                 timeout_real_s = self.clock.to_real(gc_due_s - self.clock.now())
-            await self.queue.wait(timeout_real_s)
+            if await self.queue.wait(timeout_real_s) and gc_due_s is not None:
+                # Due: a clock reading a hair short of the deadline must not wait again, or a
+                # virtual-time loop would spin on an ever smaller timeout.
+                self.memory.empty_cache()
+                gc_due_s = None
 
     async def _execute(self, item: QueueItem) -> Outcome:
         try:

@@ -9,7 +9,6 @@ Everything here lives and dies with the process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 from collections.abc import Callable
@@ -135,9 +134,15 @@ class PromptQueue:
         flags, self.flags = self.flags, {}
         return flags
 
-    async def wait(self, timeout_real_s: float | None) -> None:
-        """Sleep until something is queued or flagged, or `timeout_real_s` passes."""
-        with contextlib.suppress(TimeoutError):
+    async def wait(self, timeout_real_s: float | None) -> bool:
+        """Sleep until something is queued or flagged, or `timeout_real_s` passes; True when
+        the time passed (the caller's deadline is due, even if float rounding says otherwise)."""
+        try:
             async with asyncio.timeout(timeout_real_s):
                 await self._wake.wait()
+        except TimeoutError:
+            timed_out = True
+        else:
+            timed_out = False
         self._wake.clear()
+        return timed_out

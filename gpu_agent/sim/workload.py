@@ -89,3 +89,71 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+DAY_S = 24 * 3600.0
+HOUR_S = 3600.0
+
+
+def studio_day(*, seed: int = 7, busy_hours: int = 3) -> list[Arrival]:
+    """A studio's whole day from midnight, in time order; the same seed gives the same day.
+
+    The night is quiet (a few scripted requests), the working day from 09:00 to 18:00 has a
+    steady trickle of LLM requests and image drafts, and `busy_hours` of those hours are busy
+    hours (`busy_hour`'s mix in ten minutes); the evening tails off.
+    """
+    rng = random.Random(seed)
+    arrivals: list[Arrival] = []
+
+    def trickle(start_s: float, end_s: float, llm: int, sd15: int) -> None:
+        for _ in range(llm):
+            intent: Intent = "auto:fast" if rng.random() < 0.5 else "auto:quality"
+            arrivals.append(
+                LlmArrival(
+                    at_s=round(rng.uniform(start_s, end_s), 3),
+                    intent=intent,
+                    prompt=rng.choice(PROMPTS),
+                    output_tokens=rng.randint(60, 360),
+                )
+            )
+        for _ in range(sd15):
+            arrivals.append(
+                ImageArrival(
+                    round(rng.uniform(start_s, end_s), 3), "sd15", 20, rng.randrange(10**6)
+                )
+            )
+
+    trickle(0.0, 8 * HOUR_S, llm=6, sd15=2)  # night: a cron job or two
+    trickle(9 * HOUR_S, 18 * HOUR_S, llm=90, sd15=20)  # the working day's steady trickle
+    trickle(18 * HOUR_S, DAY_S, llm=12, sd15=3)  # evening
+    starts = rng.sample(range(9, 18), busy_hours)
+    for hour in sorted(starts):
+        offset_s = hour * HOUR_S + rng.uniform(0, HOUR_S - 600.0)
+        burst = busy_hour(
+            seed=rng.randrange(10**6),
+            span_s=600.0,
+            llm_requests=30,
+            sdxl_bursts=2,
+            sdxl_per_burst=4,
+            sd15_jobs=4,
+        )
+        arrivals.extend(_shifted(a, offset_s) for a in burst)
+    return sorted(arrivals, key=lambda a: (a.at_s, type(a).__name__))
+
+
+def _shifted(arrival: Arrival, offset_s: float) -> Arrival:
+    if isinstance(arrival, LlmArrival):
+        return LlmArrival(round(arrival.at_s + offset_s, 3), arrival.intent, arrival.prompt,
+                          arrival.output_tokens)  # fmt: skip
+    return ImageArrival(round(arrival.at_s + offset_s, 3), arrival.family, arrival.steps,
+                        arrival.seed)  # fmt: skip
+
+
+def fleet_hour(*, seed: int = 7, desktops: int = 4) -> list[Arrival]:
+    """`busy_hour` made `desktops` times heavier, for a fleet of that many desktops."""
+    return busy_hour(
+        seed=seed,
+        llm_requests=60 * desktops,
+        sdxl_bursts=5 * desktops,
+        sd15_jobs=10 * desktops,
+    )

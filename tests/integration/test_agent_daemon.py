@@ -1,5 +1,8 @@
 """The agent as a daemon: sd_notify to a real datagram socket, and the `gpu-agent` command line
-run in a subprocess (bad settings, a simulated desktop, `status`, SIGTERM)."""
+run in a subprocess (bad settings, a simulated desktop, `status`, SIGTERM).
+
+`serve` runs in process on the virtual-time loop; the tests that start a subprocess run on a real
+loop (`real_time`), since a process outside this one cannot share the virtual clock."""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
 
+from gpu_agent import clock
 from gpu_agent.cli import TOKEN_ENV
 from gpu_agent.cli import main as cli_main
 from gpu_agent.daemon import RunningAgent, running_agent, serve
@@ -25,11 +28,14 @@ from gpu_agent.sim.desktop import SimDesktop
 from tests.integration.test_agent_api import GPU_NAME, TOKEN, agent_settings
 from tests.waiting import wait_until
 
-# systemd asks for a keep-alive within WATCHDOG_USEC; the agent pings at half that.
-WATCHDOG_USEC = 100_000
+# systemd asks for a keep-alive within WATCHDOG_USEC (WatchdogSec=30 in systemd/gpu-agent.service);
+# the agent pings at half that. Simulated seconds: `serve` runs on the virtual-time loop.
+WATCHDOG_USEC = 30_000_000
 PING_INTERVAL_S = WATCHDOG_USEC / 2_000_000
-STALE_AFTER_S = 0.25
-CLI_TIMEOUT_S = 15.0
+STALE_AFTER_S = 5.0
+# Real seconds, for the subprocesses of the `real_time` tests: generous, as a loaded machine
+# takes seconds just to start a Python process that imports the agent.
+CLI_TIMEOUT_S = 30.0
 
 
 class NotifyListener:
@@ -55,9 +61,14 @@ class NotifyListener:
                 self._arrived.notify_all()
 
     async def wait_for(
-        self, predicate: Callable[[dict[str, str]], bool], *, after: int = 0, timeout_s: float = 4.0
+        self,
+        predicate: Callable[[dict[str, str]], bool],
+        *,
+        after: int = 0,
+        timeout_s: float = 4 * PING_INTERVAL_S,
     ) -> int:
-        """Index of the first message from `after` on that satisfies `predicate`."""
+        """Index of the first message from `after` on that satisfies `predicate`, waiting up to
+        `timeout_s` seconds of the loop's clock for it."""
 
         def found() -> int | None:
             return next(
@@ -88,7 +99,7 @@ def is_watchdog(message: dict[str, str]) -> bool:
 async def test_serve_keeps_systemd_informed(tmp_path: Path) -> None:
     listener = NotifyListener(tmp_path / "notify")
     environ = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    settings = agent_settings(sim_speed=100.0, stale_after_s=STALE_AFTER_S)
+    settings = agent_settings(stale_after_s=STALE_AFTER_S)
     stop = asyncio.Event()
     agents: list[RunningAgent] = []
     async with listener.listening():
@@ -96,7 +107,7 @@ async def test_serve_keeps_systemd_informed(tmp_path: Path) -> None:
             serve(settings, stop, notifier=SystemdNotifier(environ), on_ready=agents.append)
         )
         try:
-            ready = await listener.wait_for(lambda m: "READY" in m, timeout_s=10.0)
+            ready = await listener.wait_for(lambda m: "READY" in m)
             assert listener.messages[ready]["READY"] == "1"
             # READY came after the first sample: the status it carries has read the GPU.
             assert listener.messages[ready]["STATUS"].startswith("telemetry ok; 1.0/12.0 GiB")
@@ -114,7 +125,7 @@ async def test_serve_keeps_systemd_informed(tmp_path: Path) -> None:
                 await listener.wait_for(is_watchdog, after=stale, timeout_s=6 * PING_INTERVAL_S)
             latest = agent.service.sampler.latest
             assert latest is not None
-            assert latest.age_s(time.monotonic()) > STALE_AFTER_S
+            assert latest.age_s(clock.monotonic_s()) > STALE_AFTER_S
 
             await agent.service.sampler.start()
             resumed = await listener.wait_for(is_watchdog, after=stale)
@@ -122,11 +133,14 @@ async def test_serve_keeps_systemd_informed(tmp_path: Path) -> None:
             assert resumed > stale
 
             stop.set()
-            await asyncio.wait_for(server, timeout=5.0)
+            await asyncio.wait_for(server, timeout=60.0)
+            # The datagram is sent; wait for the listener to have read it before judging.
+            stopping = await listener.wait_for(lambda m: "STOPPING" in m, after=resumed)
         finally:
             stop.set()
             await asyncio.gather(server, return_exceptions=True)
-        assert listener.messages[-1]["STOPPING"] == "1"
+        assert listener.messages[stopping]["STOPPING"] == "1"
+        assert stopping == len(listener.messages) - 1, listener.messages[stopping:]
         assert sum("READY" in m for m in listener.messages) == 1
 
 
@@ -163,6 +177,7 @@ async def run_cli(*args: str, cwd: Path) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.real_time
 async def test_bad_config_file_exits_78_naming_the_field(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text("sample_interval_s = -1\n")
@@ -174,6 +189,7 @@ async def test_bad_config_file_exits_78_naming_the_field(tmp_path: Path) -> None
     assert "Traceback" not in err
 
 
+@pytest.mark.real_time
 async def test_listening_beyond_loopback_without_a_token_exits_78(tmp_path: Path) -> None:
     code, _, err = await run_cli("run", "--simulate", "--host", "0.0.0.0", cwd=tmp_path)
     assert code == EXIT_BAD_CONFIG
@@ -181,6 +197,7 @@ async def test_listening_beyond_loopback_without_a_token_exits_78(tmp_path: Path
     assert "Traceback" not in err
 
 
+@pytest.mark.real_time
 async def test_bad_flag_is_a_usage_error(tmp_path: Path) -> None:
     code, _, err = await run_cli("run", "--port", "99999", cwd=tmp_path)
     assert code == 2
@@ -196,12 +213,13 @@ def stopped_on_exit(process: asyncio.subprocess.Process) -> Iterator[None]:
             process.kill()
 
 
+@pytest.mark.real_time
 async def test_run_status_and_sigterm(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        *cli("run", "--simulate", "--speed", "100", "--port", str(port)),
+        *cli("run", "--simulate", "--port", str(port)),
         *("--token-file", str(token_file)),
         cwd=tmp_path,
         env=cli_env(),

@@ -4,25 +4,24 @@ dead or hung Ollama, memory that never comes back, and a failing NVML."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import ollama
 import pytest
 
+from gpu_agent import clock
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.schema import UnloadResult
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.ollama import MIDSTREAM_ERROR
 from tests.integration.test_agent_api import (
     AUTH,
+    HTTP_TIMEOUT_S,
     LONG_PROMPT,
     QWEN,
     QWEN_VRAM_BYTES,
-    STREAM_SPEED,
     agent_settings,
     api_client,
     assert_error,
@@ -36,9 +35,11 @@ from tests.integration.test_agent_api import (
 )
 from tests.waiting import wait_until
 
-REQUEST_TIMEOUT_S = 0.5
-LOAD_TIMEOUT_S = 1.5
-UNLOAD_TIMEOUT_S = 1.0
+# The agent's production defaults, in simulated seconds: on the virtual-time loop a hung peer
+# costs no real time, so the timeouts need not be shortened to keep the tests quick.
+REQUEST_TIMEOUT_S = 10.0
+LOAD_TIMEOUT_S = 300.0
+UNLOAD_TIMEOUT_S = 15.0
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ async def test_dropped_websocket_still_delivers_the_outcome(
     client: httpx.AsyncClient, desktop: SimDesktop
 ) -> None:
     await wait_status(client, "comfyui.connection", "websocket")
-    prompt = (await client.post("/v1/comfyui/prompts", json={"workflow": slow_txt2img(30)})).json()
+    prompt = (await client.post("/v1/comfyui/prompts", json={"workflow": slow_txt2img(10)})).json()
     await wait_prompt(client, prompt["prompt_id"], frozenset({"running"}))
     await desktop.comfyui.drop_websockets()
     done = await wait_prompt(client, prompt["prompt_id"])
@@ -148,7 +149,9 @@ async def test_silent_websocket_still_delivers_the_outcome(
 
 
 async def test_slow_ollama_still_serves(client: httpx.AsyncClient, desktop: SimDesktop) -> None:
-    desktop.ollama.faults.response_delay_real_s = 0.2
+    # Every answer comes 2 s late (seconds of the loop's clock, virtual here): slow, but within
+    # the agent's request timeout.
+    desktop.ollama.faults.response_delay_real_s = 2.0
     response = await client.post("/v1/ollama/load", json={"model": QWEN})
     assert response.status_code == 200, response.text
     generated = await client.post(
@@ -189,12 +192,15 @@ async def test_hung_ollama_fails_the_load_within_the_timeout(
 ) -> None:
     desktop.ollama.faults.hang()
     try:
-        started = time.monotonic()
+        started = clock.monotonic_s()
         response = await client.post("/v1/ollama/load", json={"model": QWEN})
-        elapsed_s = time.monotonic() - started
+        elapsed_s = clock.monotonic_s() - started
         error = assert_error(response, 503, "ollama_unavailable")
         assert "in time" in error["message"]
-        assert elapsed_s < LOAD_TIMEOUT_S + 0.5
+        # Simulated seconds: the agent waited for Ollama, and gave up within its load timeout
+        # (its first call, for Ollama's list of running models, already hangs: that one gives up
+        # after the request timeout).
+        assert REQUEST_TIMEOUT_S <= elapsed_s <= LOAD_TIMEOUT_S
         await wait_status(client, "ollama.reachable", False)
         assert "in time" in ((await fetch_status(client)).ollama.error or "")
         # The agent itself stays responsive.
@@ -205,20 +211,20 @@ async def test_hung_ollama_fails_the_load_within_the_timeout(
     assert desktop.ollama.runners() == []
 
 
-async def test_load_slower_than_the_load_timeout_fails_in_time(tmp_path: Path) -> None:
-    # At real speed a cold 7b load takes 3.5 s, more than the agent will wait for it.
-    async with SimDesktop(speed=1.0, data_dir=tmp_path / "real-speed") as desktop:
-        settings = agent_settings(request_timeout_s=REQUEST_TIMEOUT_S, load_timeout_s=0.5)
-        async with running_agent(settings, desktop) as agent, api_client(agent) as client:
-            started = time.monotonic()
-            response = await client.post("/v1/ollama/load", json={"model": QWEN})
-            elapsed_s = time.monotonic() - started
-            error = assert_error(response, 503, "ollama_unavailable")
-            assert "in time" in error["message"]
-            assert 0.5 <= elapsed_s < 1.0
-            # Ollama itself goes on loading; the agent is free for the next request.
-            assert [r.loading for r in desktop.ollama.runners()] == [True]
-            assert (await fetch_status(client)).ollama.reachable
+async def test_load_slower_than_the_load_timeout_fails_in_time(desktop: SimDesktop) -> None:
+    # A cold 7b load takes 3.5 simulated seconds, more than this agent will wait for it.
+    load_timeout_s = 2.0
+    settings = agent_settings(request_timeout_s=REQUEST_TIMEOUT_S, load_timeout_s=load_timeout_s)
+    async with running_agent(settings, desktop) as agent, api_client(agent) as client:
+        started = desktop.clock.now()
+        response = await client.post("/v1/ollama/load", json={"model": QWEN})
+        elapsed_s = desktop.clock.now() - started
+        error = assert_error(response, 503, "ollama_unavailable")
+        assert "in time" in error["message"]
+        assert load_timeout_s <= elapsed_s < load_timeout_s + 0.5
+        # Ollama itself goes on loading; the agent is free for the next request.
+        assert [r.loading for r in desktop.ollama.runners()] == [True]
+        assert (await fetch_status(client)).ollama.reachable
 
 
 async def test_unload_whose_memory_never_returns_times_out(
@@ -228,11 +234,12 @@ async def test_unload_whose_memory_never_returns_times_out(
     (pid,) = runner_pids(desktop)
     desktop.ollama.zombie_runners = True
 
-    started = time.monotonic()
+    started = clock.monotonic_s()
     response = await client.post("/v1/ollama/unload", json={"model": QWEN})
-    elapsed_s = time.monotonic() - started
+    elapsed_s = clock.monotonic_s() - started
     error = assert_error(response, 504, "unload_timeout")
     assert str(QWEN_VRAM_BYTES) in error["message"]
+    # Simulated seconds: the agent waited its whole unload timeout for the memory, no longer.
     assert UNLOAD_TIMEOUT_S <= elapsed_s < UNLOAD_TIMEOUT_S + 0.5
     # Ollama no longer lists the model, but the card says its memory is still taken.
     assert desktop.ollama.runners() == []
@@ -287,7 +294,7 @@ async def test_midstream_ollama_error_is_passed_through(
     assert [line.get("done") for line in lines[:3]] == [False, False, False]
     assert lines[3:] == [{"error": MIDSTREAM_ERROR}]
 
-    official = ollama.AsyncClient(host=agent.url, headers=AUTH, timeout=10.0)
+    official = ollama.AsyncClient(host=agent.url, headers=AUTH, timeout=HTTP_TIMEOUT_S)
     with pytest.raises(ollama.ResponseError) as failed:
         async for _ in await official.chat(
             model=QWEN, messages=[{"role": "user", "content": "Hi"}], stream=True
@@ -297,26 +304,25 @@ async def test_midstream_ollama_error_is_passed_through(
     assert agent.service.in_flight == {}
 
 
-async def test_ollama_dying_mid_stream_ends_it_with_an_error_line(tmp_path: Path) -> None:
-    async with (
-        SimDesktop(speed=STREAM_SPEED, data_dir=tmp_path / "slow-desktop") as desktop,
-        running_agent(agent_settings(), desktop) as agent,
-        api_client(agent) as client,
-    ):
-        body = {"model": QWEN, "prompt": LONG_PROMPT}
-        lines: list[dict[str, Any]] = []
-        async with client.stream("POST", "/api/generate", json=body) as response:
-            assert response.status_code == 200
-            stream = response.aiter_lines()
-            async for line in stream:
-                if line.strip():
-                    lines.append(json.loads(line))
-                    break
-            await desktop.stop_ollama()
-            async for line in stream:
-                if line.strip():
-                    lines.append(json.loads(line))
-        assert lines[0]["done"] is False
-        assert not any(line.get("done") for line in lines)
-        assert "error" in lines[-1]
-        await wait_until(lambda: agent.service.in_flight == {}, what="no requests in flight")
+async def test_ollama_dying_mid_stream_ends_it_with_an_error_line(
+    agent: RunningAgent, client: httpx.AsyncClient, desktop: SimDesktop
+) -> None:
+    # The answer takes about 3.7 simulated seconds to decode: Ollama dies after its first line.
+    body = {"model": QWEN, "prompt": LONG_PROMPT}
+    lines: list[dict[str, Any]] = []
+    async with client.stream("POST", "/api/generate", json=body) as response:
+        assert response.status_code == 200
+        stream = response.aiter_lines()
+        async for line in stream:
+            if line.strip():
+                lines.append(json.loads(line))
+                break
+        await desktop.stop_ollama()
+        async for line in stream:
+            if line.strip():
+                lines.append(json.loads(line))
+    assert lines, "the stream ended before its first line"
+    assert lines[0]["done"] is False
+    assert not any(line.get("done") for line in lines)
+    assert "error" in lines[-1]
+    await wait_until(lambda: agent.service.in_flight == {}, what="no requests in flight")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gpu_agent import clock
 from gpu_agent.comfyui import ComfyUIController, PromptEvent, PromptRecord
 from gpu_agent.comfyui_state import OOM_REASON, UNKNOWN_REASON
 from gpu_agent.errors import (
@@ -29,30 +29,16 @@ from gpu_agent.sim.comfyui import ComfyUIEmulator
 from gpu_agent.sim.gpu import GIB, SimGpu
 from gpu_agent.sim.server import LoopbackServer
 from gpu_agent.sim.workflows import SD15, text_to_image
+from tests.waiting import wait_until
 
-SPEED = 100.0
-# Flux runs about 2.5 s a step here (25 ms real): slow enough to be caught mid-run, and its
-# progress messages are few, which keeps the emulator's websocket publisher mostly idle.
+# Flux runs about 2.1 s a step after a 15 s cold load: slow enough to be caught mid-run.
 FLUX = "flux1-schnell-fp8.safetensors"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-async def until(predicate: Callable[[], bool], *, timeout_s: float = 4.0) -> None:
-    """Wait until `predicate()` holds, checking every few milliseconds; fail after `timeout_s`."""
-
-    async def check() -> bool:
-        return predicate()
-
-    await until_async(check, timeout_s=timeout_s)
-
-
-async def until_async(predicate: Callable[[], Awaitable[bool]], *, timeout_s: float = 4.0) -> None:
-    """`until` for a predicate that has to ask a server."""
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.005)
+# The adapter's own default: how long one request to ComfyUI may take (simulated seconds).
+REQUEST_TIMEOUT_S = 10.0
+# Simulated seconds: the longest wait here is an SD1.5 prompt of 400 steps (~25 s) or the
+# adapter reconnecting after a restart (backoff up to 10 s).
+WAIT_S = 120.0
 
 
 def txt2img(
@@ -63,7 +49,7 @@ def txt2img(
 
 
 def slow_txt2img() -> dict[str, Any]:
-    """A Flux prompt that runs for minutes of simulated time (seconds at this speed)."""
+    """A Flux prompt that runs for about a quarter of an hour of simulated time."""
     return txt2img(steps=400, width=1024, height=1024, ckpt=FLUX)
 
 
@@ -100,12 +86,12 @@ class Env:
     def events_for(self, prompt_id: str) -> list[PromptEvent]:
         return [e for e in self.events if e.record.prompt_id == prompt_id]
 
-    async def final(self, prompt_id: str, *, timeout_s: float = 4.0) -> PromptRecord:
+    async def final(self, prompt_id: str, *, timeout_s: float = WAIT_S) -> PromptRecord:
         def done() -> bool:
             record = self.controller.get(prompt_id)
             return record is not None and record.final
 
-        await until(done, timeout_s=timeout_s)
+        await wait_until(done, timeout_s=timeout_s, what=f"prompt {prompt_id} to finish")
         record = self.controller.get(prompt_id)
         assert record is not None
         return record
@@ -115,10 +101,10 @@ class Env:
             record = self.controller.get(prompt_id)
             return record is not None and record.state == "running" and record.step is not None
 
-        await until(started)
+        await wait_until(started, timeout_s=WAIT_S, what=f"prompt {prompt_id} to run a step")
 
     async def comfy_get(self, path: str) -> Any:
-        async with httpx.AsyncClient(base_url=self.server.url, timeout=2.0) as client:
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=REQUEST_TIMEOUT_S) as client:
             response = await client.get(path)
             response.raise_for_status()
             return response.json()
@@ -126,26 +112,26 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    clock = SimClock(speed=SPEED)
-    gpu = SimGpu(clock)
-    emulator = ComfyUIEmulator(clock=clock, gpu=gpu, catalog=Catalog(), output_dir=tmp_path / "out")
+    sim_clock = SimClock()
+    gpu = SimGpu(sim_clock)
+    emulator = ComfyUIEmulator(
+        clock=sim_clock, gpu=gpu, catalog=Catalog(), output_dir=tmp_path / "out"
+    )
     await emulator.start_process()
     server = LoopbackServer(emulator.make_app)
     await server.start()
     events: list[PromptEvent] = []
+    # The adapter's default timings (reconnect 0.5-10 s, poll 1 s, quiet after 5 s): on the
+    # virtual clock they cost no real time.
     controller = ComfyUIController(
         server.url,
         client_id=str(uuid.uuid4()),
-        request_timeout_s=1.0,
-        reconnect_initial_s=0.02,
-        reconnect_max_s=0.2,
-        poll_interval_s=0.05,
-        quiet_after_s=0.3,
+        request_timeout_s=REQUEST_TIMEOUT_S,
         on_event=events.append,
     )
     await controller.start()
-    await until(lambda: controller.connection == "websocket")
-    yield Env(clock, gpu, emulator, server, controller, events)
+    await wait_until(lambda: controller.connection == "websocket", what="the websocket")
+    yield Env(sim_clock, gpu, emulator, server, controller, events)
     await controller.stop()
     await server.stop()
     await emulator.close()
@@ -168,8 +154,8 @@ async def test_a_prompt_runs_to_success_with_progress_and_a_real_png(env: Env) -
     assert done.outputs[0].filename.startswith("fox_")
 
     kinds = [e.kind for e in env.events_for(record.prompt_id)]
-    assert kinds[0] == "submitted"
-    assert kinds[-1] == "finished"
+    assert kinds[:1] == ["submitted"], kinds
+    assert kinds[-1:] == ["finished"], kinds
     assert kinds.count("started") == 1
     steps = [e.record.step for e in env.events_for(record.prompt_id) if e.record.node == "3"]
     assert 20 in steps
@@ -279,8 +265,9 @@ async def test_a_dropped_websocket_reconnects_and_the_outcome_still_arrives(env:
         for e in env.events[dropped_at:]
         if e.record.prompt_id == record.prompt_id and e.record.step is not None
     ]
+    assert later_steps, "no progress arrived after the websocket was dropped"
     assert max(later_steps) > step_at_drop + 100
-    await until(lambda: ctl.connection == "websocket")
+    await wait_until(lambda: ctl.connection == "websocket", what="the websocket back")
 
 
 async def test_a_silent_websocket_falls_back_to_polling(env: Env) -> None:
@@ -294,7 +281,7 @@ async def test_a_silent_websocket_falls_back_to_polling(env: Env) -> None:
         current = ctl.get(record.prompt_id)
         return current is not None and current.final
 
-    await until(settled)
+    await wait_until(settled, timeout_s=WAIT_S, what="the prompt settled by polling")
     done = ctl.get(record.prompt_id)
     assert done is not None
     assert done.state == "succeeded"
@@ -304,8 +291,8 @@ async def test_a_silent_websocket_falls_back_to_polling(env: Env) -> None:
     data, _, _ = await ctl.fetch_output(record.prompt_id, 0)
     assert png_size(data) == (512, 512)
     kinds = [e.kind for e in env.events_for(record.prompt_id)]
-    assert kinds[0] == "submitted"
-    assert kinds[-1] == "finished"
+    assert kinds[:1] == ["submitted"], kinds
+    assert kinds[-1:] == ["finished"], kinds
 
 
 async def test_a_prompt_lost_in_a_restart_becomes_unknown(env: Env) -> None:
@@ -314,7 +301,7 @@ async def test_a_prompt_lost_in_a_restart_becomes_unknown(env: Env) -> None:
     await env.running(lost.prompt_id)
     await env.emulator.kill_process()
     await env.server.stop()
-    await until(lambda: ctl.connection == "down")
+    await wait_until(lambda: ctl.connection == "down", what="the adapter to see ComfyUI down")
     with pytest.raises(ComfyUIUnavailable):
         await ctl.submit(blank_image())
     assert ctl.get(lost.prompt_id).state == "running"  # type: ignore[union-attr]
@@ -325,7 +312,7 @@ async def test_a_prompt_lost_in_a_restart_becomes_unknown(env: Env) -> None:
     assert done.state == "unknown"
     assert done.reason == UNKNOWN_REASON
     assert done.error_type == "restart"
-    await until(lambda: ctl.connection == "websocket")
+    await wait_until(lambda: ctl.connection == "websocket", what="the websocket back")
 
     later = await ctl.submit(blank_image())
     finished = await env.final(later.prompt_id)
@@ -339,7 +326,7 @@ async def test_free_unloads_the_checkpoint(env: Env) -> None:
     assert (await env.final(record.prompt_id)).state == "succeeded"
     assert env.emulator.loaded_checkpoints() == [SD15]
     await env.controller.free()
-    await until(lambda: env.emulator.loaded_checkpoints() == [])
+    await wait_until(lambda: env.emulator.loaded_checkpoints() == [], what="the unload")
 
 
 async def test_submit_to_a_closed_port_fails_fast() -> None:
@@ -347,11 +334,14 @@ async def test_submit_to_a_closed_port_fails_fast() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    controller = ComfyUIController(f"http://127.0.0.1:{port}", client_id="c", request_timeout_s=1.0)
-    started = time.monotonic()
+    controller = ComfyUIController(
+        f"http://127.0.0.1:{port}", client_id="c", request_timeout_s=REQUEST_TIMEOUT_S
+    )
+    started = clock.monotonic_s()
     with pytest.raises(ComfyUIUnavailable) as info:
         await controller.submit(blank_image())
-    assert time.monotonic() - started < 1.0
+    # Refused at once: no timeout ran out.
+    assert clock.monotonic_s() - started < REQUEST_TIMEOUT_S
     assert info.value.prompt_id is None  # nothing was sent: no doubt to resolve
     await controller.stop()
 
@@ -359,11 +349,13 @@ async def test_submit_to_a_closed_port_fails_fast() -> None:
 async def test_an_unanswered_submit_is_checked_before_posting_again(env: Env) -> None:
     ctl = env.controller
     env.emulator.faults.hang()
-    started = time.monotonic()
+    started = clock.monotonic_s()
     with pytest.raises(ComfyUIUnavailable) as info:
         # No id of ours: nothing to look up first, so the POST itself goes unanswered.
         await ctl.submit(blank_image())
-    assert time.monotonic() - started < 2.0
+    # One request timeout, and no second request after it.
+    elapsed_s = clock.monotonic_s() - started
+    assert REQUEST_TIMEOUT_S - 1e-6 <= elapsed_s < 2 * REQUEST_TIMEOUT_S
     prompt_id = info.value.prompt_id
     assert prompt_id is not None
     assert ctl.get(prompt_id) is None
@@ -373,7 +365,7 @@ async def test_an_unanswered_submit_is_checked_before_posting_again(env: Env) ->
     async def in_history() -> bool:
         return bool(await env.comfy_get(f"/history/{prompt_id}"))
 
-    await until_async(in_history)
+    await wait_until(in_history, poll_s=0.1, what="the held prompt in history")
     record = await ctl.submit(blank_image(), prompt_id)
     assert record.state == "succeeded"
     assert env.emulator.stats.prompts_run == 1
@@ -390,8 +382,10 @@ async def test_a_restarted_agent_does_not_run_a_known_prompt_twice(env: Env) -> 
     async def in_history() -> bool:
         return bool(await env.comfy_get(f"/history/{prompt_id}"))
 
-    await until_async(in_history)
-    fresh = ComfyUIController(env.server.url, client_id="restarted-agent", request_timeout_s=2.0)
+    await wait_until(in_history, poll_s=0.1, what="the prompt in history")
+    fresh = ComfyUIController(
+        env.server.url, client_id="restarted-agent", request_timeout_s=REQUEST_TIMEOUT_S
+    )
     await fresh.start()
     try:
         record = await fresh.submit(blank_image(), prompt_id)

@@ -8,12 +8,11 @@ server: connect `ws://…/ws?clientId=<uuid4>`, POST /prompt with that client_id
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import struct
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,29 +27,16 @@ from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.comfyui import ComfyUIEmulator, ComfyUISimSettings
 from gpu_agent.sim.gpu import SimGpu
 from gpu_agent.sim.server import LoopbackServer
+from tests.waiting import wait_until
 
-SPEED = 100.0
 XORG_PID = 1200
 OTHER_PID = 5000
-WAIT_S = 5.0
+# Simulated seconds (the loop is on virtual time): the longest quiet spell between two frames
+# here is a cold SDXL load (~3.5 s) or a low-VRAM step, far below this.
+WAIT_S = 60.0
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 CONTEXT_BYTES = ComfyUISimSettings().context_bytes
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = WAIT_S
-) -> None:
-    """Poll `predicate` (plain or async) until it holds; fail after `timeout_s` real seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        result = predicate()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.005)
 
 
 def workflow(
@@ -131,7 +117,7 @@ class Desk:
 
 
 async def start_desk(tmp_path: Path, settings: ComfyUISimSettings) -> Desk:
-    clock = SimClock(speed=SPEED)
+    clock = SimClock()
     gpu = SimGpu(clock)
     gpu.attach(XORG_PID, "Xorg", ("/usr/lib/xorg/Xorg",), compute=False)
     gpu.allocate(XORG_PID, 600 * MIB)
@@ -215,6 +201,13 @@ async def history(desk: Desk, prompt_id: str) -> dict[str, Any]:
 
 def types(frames: list[dict[str, Any]]) -> list[str]:
     return [frame["type"] for frame in frames]
+
+
+def first_frame(frames: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The first frame of type `kind`; fails with the types seen if there is none."""
+    found = next((frame for frame in frames if frame["type"] == kind), None)
+    assert found is not None, f"no {kind!r} frame among {types(frames)}"
+    return found
 
 
 # -- the example client's round trip ---------------------------------------------------------
@@ -412,7 +405,7 @@ async def test_identical_rerun_is_cached_and_resends_old_files(desk: Desk) -> No
     await ws.until_done(first["prompt_id"])
     again = await queue_prompt(desk, workflow(steps=3), client_id=ws.client_id)
     frames = await ws.until_done(again["prompt_id"])
-    cached = next(f for f in frames if f["type"] == "execution_cached")
+    cached = first_frame(frames, "execution_cached")
     assert sorted(cached["data"]["nodes"]) == ["3", "4", "5", "6", "7", "8", "9"]
     assert [f["data"]["node"] for f in frames if f["type"] == "executing"] == [None]
     executed = [f["data"] for f in frames if f["type"] == "executed"]
@@ -427,7 +420,7 @@ async def test_identical_rerun_is_cached_and_resends_old_files(desk: Desk) -> No
     # A new seed reruns the sampler and what follows it; the rest stays cached.
     reseeded = await queue_prompt(desk, workflow(steps=3, seed=2), client_id=ws.client_id)
     frames = await ws.until_done(reseeded["prompt_id"])
-    cached = next(f for f in frames if f["type"] == "execution_cached")
+    cached = first_frame(frames, "execution_cached")
     assert sorted(cached["data"]["nodes"]) == ["4", "5", "6", "7"]
     ran = [f["data"]["node"] for f in frames if f["type"] == "executing"]
     assert ran == ["3", "8", "9", None]
@@ -488,6 +481,7 @@ async def test_sdxl_alone_fits_and_the_gc_pass_returns_the_cache(tmp_path: Path)
         sdxl = workflow(ckpt=SDXL, width=1024, height=1024, steps=8)
         queued = await queue_prompt(d, sdxl, client_id=ws.client_id)
         await ws.until_done(queued["prompt_id"])
+        finished_at = d.clock.now()
         entry = (await history(d, queued["prompt_id"]))[queued["prompt_id"]]
         assert entry["status"]["status_str"] == "success"
         assert d.emu.stats.lowvram_runs == 0
@@ -502,7 +496,8 @@ async def test_sdxl_alone_fits_and_the_gc_pass_returns_the_cache(tmp_path: Path)
         assert device["torch_vram_total"] == weights + 512 * MIB
         assert device["torch_vram_free"] == 512 * MIB
         # ...until the gc pass; then only the context and the weights remain.
-        await wait_until(lambda: d.emu.cache_bytes() == 0)
+        await wait_until(lambda: d.emu.cache_bytes() == 0, what="the gc pass")
+        assert d.clock.now() - finished_at == pytest.approx(30.0, abs=0.05)
         assert d.comfy_bytes() == CONTEXT_BYTES + weights
         await ws.conn.close()
     finally:
@@ -526,7 +521,7 @@ async def test_free_waits_for_the_running_prompt(desk: Desk) -> None:
     assert desk.emu.loaded_checkpoints() == [SDXL]
     assert desk.comfy_bytes() > CONTEXT_BYTES + 5 * GIB
     await ws.until_done(queued["prompt_id"])
-    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES)
+    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES, what="memory back to the context")
     assert desk.emu.loaded_checkpoints() == []
     assert (await history(desk, queued["prompt_id"]))[queued["prompt_id"]]["status"][
         "completed"
@@ -541,17 +536,17 @@ async def test_free_on_an_idle_worker(desk: Desk) -> None:
     assert desk.emu.loaded_checkpoints() == [SD15]
     # unload_models alone keeps the node cache: an identical rerun runs nothing at all.
     await desk.http.post("/free", json={"unload_models": True})
-    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES)
+    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES, what="memory back to the context")
     again = await queue_prompt(desk, workflow(steps=2), client_id=ws.client_id)
     frames = await ws.until_done(again["prompt_id"])
-    assert len(next(f for f in frames if f["type"] == "execution_cached")["data"]["nodes"]) == 7
+    assert len(first_frame(frames, "execution_cached")["data"]["nodes"]) == 7
     assert desk.emu.loaded_checkpoints() == []
     # free_memory also forgets cached outputs, so the same prompt runs (and loads) again.
     await desk.http.post("/free", json={"free_memory": True})
-    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES)
+    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES, what="memory back to the context")
     third = await queue_prompt(desk, workflow(steps=2), client_id=ws.client_id)
     frames = await ws.until_done(third["prompt_id"])
-    assert next(f for f in frames if f["type"] == "execution_cached")["data"]["nodes"] == []
+    assert first_frame(frames, "execution_cached")["data"]["nodes"] == []
     assert desk.emu.loaded_checkpoints() == [SD15]
     await ws.conn.close()
 
@@ -564,7 +559,7 @@ async def test_oom_when_another_process_holds_10_gib(desk: Desk) -> None:
         desk, workflow(ckpt=SDXL, width=1024, height=1024), client_id=ws.client_id
     )
     frames = await ws.until_done(queued["prompt_id"])
-    error = next(f["data"] for f in frames if f["type"] == "execution_error")
+    error = first_frame(frames, "execution_error")["data"]
     assert error["node_id"] == "3"
     assert error["node_type"] == "KSampler"
     assert error["exception_type"] == "torch.OutOfMemoryError"
@@ -586,7 +581,7 @@ async def test_low_vram_mode_when_5_gib_is_held(desk: Desk) -> None:
     full_step_s = desk.emu.stats.seconds_per_step
     assert full_step_s == pytest.approx(0.24)
     await desk.http.post("/free", json={"free_memory": True})
-    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES)
+    await wait_until(lambda: desk.comfy_bytes() == CONTEXT_BYTES, what="memory back to the context")
     desk.gpu.attach(OTHER_PID, "ollama", ("/usr/local/bin/ollama", "runner"))
     desk.gpu.allocate(OTHER_PID, 5 * GIB)
     steps_before, seconds_before = desk.emu.stats.sampler_steps, desk.emu.stats.sampler_s
@@ -634,12 +629,19 @@ async def test_interrupt_stops_only_the_running_prompt(desk: Desk) -> None:
     assert desk.emu.running_prompt_id() == running["prompt_id"]
     await desk.http.post("/interrupt", json={"prompt_id": running["prompt_id"]})
     frames = await ws.until_done(running["prompt_id"])
-    stopped = next(f["data"] for f in frames if f["type"] == "execution_interrupted")
+    stopped = first_frame(frames, "execution_interrupted")["data"]
     assert stopped["node_id"] == "3"
     assert stopped["node_type"] == "KSampler"
     assert "execution_success" not in types(frames)
-    last_step = [f["data"]["value"] for f in frames if f["type"] == "progress"][-1]
-    assert last_step < 200
+    # The sampler stopped short of its last step. The interrupt may land before another
+    # progress frame, so count every step the prompt reported, the one waited for included.
+    steps = [
+        f["data"]["value"]
+        for f in ws.frames
+        if f["type"] == "progress" and f["data"].get("prompt_id") == running["prompt_id"]
+    ]
+    assert steps, f"no progress frame for the running prompt among {types(ws.frames)}"
+    assert max(steps) < 200
     entry = (await history(desk, running["prompt_id"]))[running["prompt_id"]]
     assert entry["status"]["status_str"] == "error"
     assert entry["status"]["completed"] is False
@@ -772,12 +774,12 @@ async def test_silent_websocket_drops_frames_and_drop_websockets_cuts_them(desk:
     async def finished() -> bool:
         return bool(await history(desk, quiet["prompt_id"]))
 
-    await wait_until(finished)
+    await wait_until(finished, poll_s=0.1, what="the silent run in history")
     desk.emu.faults.websocket_silent = False
     loud = await queue_prompt(desk, workflow(steps=2, seed=3), client_id=ws.client_id)
     # Nothing from the silent run was buffered: the first frame is the new enqueue.
-    first = await ws.next()
-    assert first["type"] == "status"
+    opening = await ws.next()
+    assert opening["type"] == "status"
     frames = await ws.until_done(loud["prompt_id"])
     assert all(f["data"].get("prompt_id") in (None, loud["prompt_id"]) for f in frames)
 

@@ -2,11 +2,13 @@
 
 Clients are the real ones: the official `ollama` package, and a ComfyUI websocket client that
 follows ComfyUI's own example script (submit, follow to the null `executing`, read history,
-fetch the image).
+fetch the image). In process the desktop runs at speed 1 on the virtual-time loop, so every
+timeout below is simulated seconds; the standalone `gpu-agent sim` runs on real time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -28,19 +30,25 @@ from gpu_agent.sim.gpu import GIB
 from gpu_agent.sim.workflows import SDXL, text_to_image
 from tests.waiting import wait_until
 
+# Simulated seconds. An SDXL prompt with a cold load takes about ten; Ollama's own load
+# timeout is five minutes.
+WAIT_S = 60.0
+CLIENT_TIMEOUT_S = 300.0
+
 
 async def run_prompt(desktop: SimDesktop, workflow: dict[str, Any]) -> list[dict[str, Any]]:
     """Submit over HTTP, follow the websocket until the null `executing`; return the frames."""
     client_id = str(uuid.uuid4())
     ws_url = desktop.comfyui_url.replace("http", "ws") + f"/ws?clientId={client_id}"
     frames: list[dict[str, Any]] = []
-    async with ws_connect(ws_url, open_timeout=5) as ws:
-        async with httpx.AsyncClient(base_url=desktop.comfyui_url, timeout=5) as http:
+    async with ws_connect(ws_url, open_timeout=WAIT_S) as ws:
+        async with httpx.AsyncClient(base_url=desktop.comfyui_url, timeout=WAIT_S) as http:
             answer = await http.post("/prompt", json={"prompt": workflow, "client_id": client_id})
         assert answer.status_code == 200, answer.text
         prompt_id = answer.json()["prompt_id"]
         while True:
-            message = await ws.recv(decode=True)
+            async with asyncio.timeout(WAIT_S):
+                message = await ws.recv(decode=True)
             assert isinstance(message, str)
             frame = json.loads(message)
             frames.append(frame)
@@ -51,7 +59,7 @@ async def run_prompt(desktop: SimDesktop, workflow: dict[str, Any]) -> list[dict
 
 
 async def test_resident_14b_leaves_sdxl_out_of_memory(desktop: SimDesktop) -> None:
-    client = ollama.AsyncClient(host=desktop.ollama_url)
+    client = ollama.AsyncClient(host=desktop.ollama_url, timeout=CLIENT_TIMEOUT_S)
     await client.generate(model="qwen2.5:14b", prompt="")  # load, as `ollama run` does
     listed = (await client.ps()).models
     assert [m.model for m in listed] == ["qwen2.5:14b"]
@@ -71,9 +79,10 @@ async def test_resident_sdxl_pushes_14b_onto_the_cpu(desktop: SimDesktop) -> Non
     # ComfyUI keeps the checkpoint resident between prompts ("smart memory").
     assert desktop.gpu.process_bytes(4001) > 6 * GIB
 
-    client = ollama.AsyncClient(host=desktop.ollama_url)
+    client = ollama.AsyncClient(host=desktop.ollama_url, timeout=CLIENT_TIMEOUT_S)
     answer = await client.generate(model="qwen2.5:14b", prompt="Why is the sky blue?")
     listed = (await client.ps()).models
+    assert [m.model for m in listed] == ["qwen2.5:14b"]
     assert listed[0].size_vram is not None
     assert listed[0].size is not None
     assert listed[0].size_vram < listed[0].size  # partial offload: the silent spill
@@ -85,7 +94,7 @@ async def test_resident_sdxl_pushes_14b_onto_the_cpu(desktop: SimDesktop) -> Non
 
 
 async def test_keep_alive_zero_unloads_and_frees_the_memory(desktop: SimDesktop) -> None:
-    client = ollama.AsyncClient(host=desktop.ollama_url)
+    client = ollama.AsyncClient(host=desktop.ollama_url, timeout=CLIENT_TIMEOUT_S)
     await client.generate(model="llama3.2:3b", prompt="")
     before = desktop.gpu.used_bytes()
     await client.generate(model="llama3.2:3b", prompt="", keep_alive=0)
@@ -101,6 +110,9 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(60)
 def test_gpu_agent_sim_serves_real_clients(tmp_path: Any) -> None:
+    # A subprocess serving real clients runs on real time; there `--speed` compresses the
+    # simulated seconds (an 8-step SDXL prompt, about 6 s, takes a few hundredths), and the
+    # timeouts below are real seconds.
     ollama_port, comfyui_port = _free_port(), _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

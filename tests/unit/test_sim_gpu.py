@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gpu_agent.errors import ProbeError, SimOutOfMemory
@@ -11,7 +13,7 @@ from gpu_agent.sim.gpu import MIB, SimGpu, SimGpuProbe
 
 @pytest.fixture
 def gpu() -> SimGpu:
-    return SimGpu(SimClock(speed=1000))
+    return SimGpu(SimClock())
 
 
 def test_reports_the_4070_super_as_nvml_does(gpu: SimGpu) -> None:
@@ -56,24 +58,28 @@ def test_unattached_process_cannot_allocate(gpu: SimGpu) -> None:
         gpu.allocate(99, 1)
 
 
-def test_work_raises_utilisation_power_and_temperature() -> None:
-    clock = SimClock(speed=1000)
-    gpu = SimGpu(clock)
+async def test_work_raises_utilisation_power_and_temperature() -> None:
+    # On the virtual-time loop each sleep is exactly that many simulated seconds, at no cost.
+    gpu = SimGpu(SimClock())
+    await asyncio.sleep(10.0)
     idle = gpu.reading()
+    await asyncio.sleep(10.0)
     with gpu.working("diffusion"):
         assert gpu.contention() == 1
         with gpu.working("decode"):
             assert gpu.contention() == 2
-        partly_busy = gpu.reading()
+        await asyncio.sleep(30.0)
+        partly_busy = gpu.reading()  # 30 busy seconds of the 40 since the idle reading
+        await asyncio.sleep(20.0)
         busy = gpu.reading()  # the whole period since the previous reading was busy
     assert idle.utilization_gpu_percent == 0
-    assert partly_busy.utilization_gpu_percent is not None
-    assert partly_busy.utilization_gpu_percent > 0
+    assert idle.power_w == 7.0
+    assert partly_busy.utilization_gpu_percent == 75
     assert busy.utilization_gpu_percent == 100
     assert busy.power_w == 210.0
     assert busy.temperature_c is not None
     assert idle.temperature_c is not None
-    assert busy.temperature_c >= idle.temperature_c
+    assert busy.temperature_c > idle.temperature_c  # 50 s at 210 W warms the card
     after = gpu.reading()
     assert after.power_w == 7.0
 
@@ -94,6 +100,15 @@ def test_probe_fails_like_a_lost_driver(gpu: SimGpu) -> None:
     probe.failing = True
     with pytest.raises(ProbeError):
         probe.read()
+
+
+async def test_clock_reads_the_loop_from_its_first_reading() -> None:
+    await asyncio.sleep(100.0)
+    clock, fast = SimClock(), SimClock(speed=50)
+    assert clock.now() == fast.now() == 0.0
+    await asyncio.sleep(2.0)
+    assert clock.now() == pytest.approx(2.0)
+    assert fast.now() == pytest.approx(100.0)
 
 
 def test_clock_runs_faster_than_real_time() -> None:

@@ -1,7 +1,7 @@
 """The emulated Ollama's parsing, text and scheduler, without HTTP.
 
-The scheduler runs against a real `SimGpu` on a very fast `SimClock`, so its loads and releases
-take simulated seconds but only microseconds of real time.
+The scheduler runs against a real `SimGpu` at the desktop's real speed on the virtual-time loop,
+so its loads and releases take simulated seconds but no real time.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from gpu_agent.sim.ollama_scheduler import (
 from gpu_agent.sim.ollama_wire import go_time, parse_go_duration, parse_keep_alive
 from tests.waiting import wait_until
 
-FAST = 100_000.0
 CATALOG = Catalog()
-# Keep-alives long enough that no runner expires while a test runs, even at FAST on a busy host.
+# Keep-alives far longer than the few simulated minutes a test spends loading models.
 DAY_S = 86_400.0
 
 
@@ -46,10 +45,9 @@ def spec(name: str) -> OllamaModelSpec:
 def make_scheduler(
     settings: OllamaSimSettings | None = None,
     *,
-    speed: float = FAST,
     total_bytes: int = GpuSpec().total_bytes,
 ) -> tuple[OllamaScheduler, SimGpu, OllamaStats]:
-    clock = SimClock(speed)
+    clock = SimClock()
     gpu = SimGpu(clock, GpuSpec(total_bytes=total_bytes))
     stats = OllamaStats()
     scheduler = OllamaScheduler(
@@ -244,7 +242,7 @@ async def test_slots_limit_concurrency_and_queue_is_bounded() -> None:
 
 
 async def test_cancelled_load_still_completes_and_idles() -> None:
-    scheduler, gpu, stats = make_scheduler(speed=100.0)
+    scheduler, gpu, stats = make_scheduler()
     try:
         task = asyncio.create_task(load(scheduler, "qwen2.5:14b", keep_alive_s=DAY_S))
         await wait_until(lambda: scheduler.runners(), what="the load to start")
@@ -301,34 +299,34 @@ MODELS = [m.name for m in CATALOG.ollama_models]
     ),
     other_gib=st.sampled_from([0, 2, 6]),
 )
-def test_ledger_invariants(steps: list[tuple[str, int, float, int]], other_gib: int) -> None:
-    """Whatever the sequence of loads, memory matches the runners and the limits hold."""
+async def test_ledger_invariants(steps: list[tuple[str, int, float, int]], other_gib: int) -> None:
+    """Whatever the sequence of loads, memory matches the runners and the limits hold.
 
-    async def scenario() -> None:
-        scheduler, gpu, _ = make_scheduler(OllamaSimSettings(max_loaded_models=2))
-        gpu.attach(1, "comfy", ("python",))
-        gpu.allocate(1, other_gib * GIB)
-        async with running(scheduler):
-            for name, num_ctx, keep_alive_s, num_gpu in steps:
-                async with scheduler.lease(
-                    spec(name),
-                    num_ctx=num_ctx,
-                    num_gpu=num_gpu,
-                    keep_alive_s=keep_alive_s,
-                    need_slot=False,
-                ):
-                    runners = scheduler.runners()
-                    live = [r for r in runners if not r.stopping]
-                    assert len(runners) <= 2
-                    assert [r.model for r in live].count(name) == 1
-                    mine = next(r for r in live if r.model == name)
-                    assert mine.num_ctx == num_ctx
-                    assert mine.size_bytes == spec(name).required_bytes(num_ctx)
-                    assert 0 <= mine.size_vram_bytes <= mine.size_bytes
-                    if num_gpu == 0:
-                        assert mine.size_vram_bytes == 0
-                    held = sum(gpu.process_bytes(r.pid) for r in runners)
-                    assert held == sum(r.size_vram_bytes for r in runners)
-                    assert gpu.used_bytes() == held + other_gib * GIB <= gpu.total_bytes
-
-    asyncio.run(scenario())
+    Each example runs on the test's virtual-time loop, so loads and keep-alive expiries happen
+    at their real simulated times, the same on every run.
+    """
+    scheduler, gpu, _ = make_scheduler(OllamaSimSettings(max_loaded_models=2))
+    gpu.attach(1, "comfy", ("python",))
+    gpu.allocate(1, other_gib * GIB)
+    async with running(scheduler):
+        for name, num_ctx, keep_alive_s, num_gpu in steps:
+            async with scheduler.lease(
+                spec(name),
+                num_ctx=num_ctx,
+                num_gpu=num_gpu,
+                keep_alive_s=keep_alive_s,
+                need_slot=False,
+            ):
+                runners = scheduler.runners()
+                live = [r for r in runners if not r.stopping]
+                assert len(runners) <= 2
+                assert [r.model for r in live].count(name) == 1
+                mine = next(r for r in live if r.model == name)
+                assert mine.num_ctx == num_ctx
+                assert mine.size_bytes == spec(name).required_bytes(num_ctx)
+                assert 0 <= mine.size_vram_bytes <= mine.size_bytes
+                if num_gpu == 0:
+                    assert mine.size_vram_bytes == 0
+                held = sum(gpu.process_bytes(r.pid) for r in runners)
+                assert held == sum(r.size_vram_bytes for r in runners)
+                assert gpu.used_bytes() == held + other_gib * GIB <= gpu.total_bytes

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC
 
 import pytest
 
+from gpu_agent import clock as loop_clock
 from gpu_agent.errors import ProbeError
 from gpu_agent.gpu.probe import GpuProbe, GpuReading
 from gpu_agent.host import HostReading, read_host
@@ -18,7 +18,10 @@ from gpu_agent.sim.gpu import MIB, SimGpu, SimGpuProbe
 from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
 
 GIB = 1024**3
-INTERVAL_S = 0.02
+# The agent's default cadence; on the virtual-time loop a sampled second costs no real time.
+INTERVAL_S = 1.0
+# Simulated seconds: a few intervals, enough for any snapshot a test waits on.
+WAIT_S = 10 * INTERVAL_S
 OLLAMA_PID = 2002
 COMFYUI_PID = 4001
 XORG_PID = 1201
@@ -46,7 +49,7 @@ class ClosingProbe(SimGpuProbe):
 
 
 async def wait_for_status(
-    sampler: TelemetrySampler, status: str, timeout_s: float = 2.0
+    sampler: TelemetrySampler, status: str, timeout_s: float = WAIT_S
 ) -> TelemetrySnapshot:
     """The latest or a later snapshot with `status`, waiting on the sampler's condition."""
     async with asyncio.timeout(timeout_s):
@@ -59,8 +62,9 @@ async def wait_for_status(
 
 
 @pytest.fixture
-def gpu() -> SimGpu:
-    gpu = SimGpu(SimClock(speed=1))
+async def gpu() -> SimGpu:
+    # Made inside the test's loop: the simulated clock's origin is on the loop's (virtual) clock.
+    gpu = SimGpu(SimClock())
     gpu.attach(XORG_PID, "Xorg", ("/usr/lib/xorg/Xorg", "vt2", "-displayfd", "3"), compute=False)
     gpu.attach(OLLAMA_PID, "ollama", ("/usr/local/bin/ollama", "runner", "--model", "qwen"))
     gpu.attach(
@@ -87,12 +91,14 @@ async def test_snapshots_advance_on_the_interval(sampler: TelemetrySampler) -> N
     first = sampler.latest
     assert first is not None
     assert first.status == "ok"
-    second = await sampler.wait_for(first.seq, timeout_s=1.0)
-    third = await sampler.wait_for(second.seq, timeout_s=1.0)
+    second = await sampler.wait_for(first.seq, timeout_s=WAIT_S)
+    third = await sampler.wait_for(second.seq, timeout_s=WAIT_S)
     assert first.seq < second.seq < third.seq
-    assert first.taken_monotonic_s < second.taken_monotonic_s < third.taken_monotonic_s
+    # One sample per interval of the loop's clock, on a fixed cadence.
+    assert second.taken_monotonic_s - first.taken_monotonic_s == pytest.approx(INTERVAL_S)
+    assert third.taken_monotonic_s - second.taken_monotonic_s == pytest.approx(INTERVAL_S)
     assert third.taken_at.tzinfo is UTC
-    assert third.taken_at >= first.taken_at
+    assert (third.taken_at - first.taken_at).total_seconds() == pytest.approx(2 * INTERVAL_S)
     assert third.backend == "sim"
     assert third.driver_version == "580.126.09"
     assert third.reason is None
@@ -136,7 +142,7 @@ async def test_degraded_while_reads_fail_then_ok_again(
     assert degraded.backend == "sim"
     assert degraded.host is not None
     # Stay degraded for a few more samples: they must not be logged again.
-    await sampler.wait_for(degraded.seq + 2, timeout_s=1.0)
+    await sampler.wait_for(degraded.seq + 2, timeout_s=WAIT_S)
 
     probe.failing = False
     recovered = await wait_for_status(sampler, "ok")
@@ -192,12 +198,15 @@ async def test_wait_for_times_out_when_nothing_new_arrives(probe: ClosingProbe) 
         await sampler.start()
         latest = sampler.latest
         assert latest is not None
-        started = time.monotonic()
+        started = loop_clock.monotonic_s()
         with pytest.raises(TimeoutError):
-            await sampler.wait_for(latest.seq, timeout_s=0.05)
-        assert time.monotonic() - started < 1.0
+            await sampler.wait_for(latest.seq, timeout_s=5.0)
+        # It gave up after its own timeout, not at the next sample a minute later.
+        assert loop_clock.monotonic_s() - started == pytest.approx(5.0)
         # An older sequence number is answered at once.
-        assert (await sampler.wait_for(latest.seq - 1, timeout_s=0.05)).seq == latest.seq
+        answered_at = loop_clock.monotonic_s()
+        assert (await sampler.wait_for(latest.seq - 1, timeout_s=5.0)).seq == latest.seq
+        assert loop_clock.monotonic_s() == answered_at
     finally:
         await sampler.stop()
 
@@ -208,7 +217,7 @@ async def test_wait_for_wakes_on_sample_now(probe: ClosingProbe) -> None:
         await sampler.start()
         latest = sampler.latest
         assert latest is not None
-        waiter = asyncio.create_task(sampler.wait_for(latest.seq, timeout_s=2.0))
+        waiter = asyncio.create_task(sampler.wait_for(latest.seq, timeout_s=WAIT_S))
         taken = await sampler.sample_now()
         assert await waiter == taken
     finally:
@@ -227,7 +236,7 @@ async def test_stop_closes_the_probe_once_and_start_again_works(probe: ClosingPr
     await sampler.start()
     latest = sampler.latest
     assert latest is not None
-    assert (await sampler.wait_for(latest.seq, timeout_s=1.0)).status == "ok"
+    assert (await sampler.wait_for(latest.seq, timeout_s=WAIT_S)).status == "ok"
     await sampler.stop()
     assert probe.close_calls == 2
 
