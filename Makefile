@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench load security-report lint typecheck pytest sim clean
+.PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# The whole suite 5 times in a row while a busy loop runs on every core; stops at a failure.
+test-stress: $(STAMP)
+	$(BIN)/python -m tools.stress --runs 5
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

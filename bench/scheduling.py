@@ -249,11 +249,10 @@ async def run_baseline(
                 for d in desks
             ]
             stop = asyncio.Event()
-            freers = (
-                [asyncio.create_task(_reactive_free(c, d, stop)) for c, d in zip(comfys, desks)]
-                if policy == "reactive_free"
-                else []
-            )
+            freers = []
+            if policy == "reactive_free":
+                for comfy, desktop in zip(comfys, desks, strict=True):
+                    freers.append(asyncio.create_task(_reactive_free(comfy, desktop, stop)))
             try:
                 outcome = await Replay(desks[0]).run(
                     arrivals,
@@ -344,9 +343,9 @@ def lower_bound_s(arrivals: list[Arrival], eval_counts: dict[int, int], desktops
     return max(serial, by_arrival)
 
 
-def run_one(scenario_name: str, policy: str, seed: int) -> dict[str, Any]:
+def run_one(scenario_name: str | Scenario, policy: str, seed: int) -> dict[str, Any]:
     """One (scenario, policy, seed) run on a fresh virtual-time loop; plain JSON-able figures."""
-    scenario = SCENARIOS[scenario_name]
+    scenario = SCENARIOS[scenario_name] if isinstance(scenario_name, str) else scenario_name
     arrivals = scenario.arrivals(seed)
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as tmp:
         folder = Path(tmp)

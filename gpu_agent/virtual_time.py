@@ -5,14 +5,19 @@ loopback sockets on this loop. When nothing is ready to run and no socket has da
 jumps its clock straight to the next timer instead of sleeping, so a simulated hour costs only
 the CPU work done in it, and every duration it reports is the same however busy the machine is.
 
-Rules that keep the jump honest:
-- The loop first polls every socket without waiting. Loopback data written by this thread is
-  already in the peer's receive queue when `send()` returns, so a poll that finds nothing means
-  nothing is in flight.
-- While a job submitted with `run_in_executor` (or `asyncio.to_thread`) has not handed its
-  result back to the loop, time stands still: the loop waits for it in real time, and results
-  come back in submission order at the loop's next poll, so a run replays identically. The
-  SQLite store and the NVML sampler run on such threads.
+Rules that keep the jump honest, and make a run replay exactly:
+- Before every poll, data our sockets wrote must have reached its peers' receive queues. The
+  kernel delivers loopback data in a softirq that may run a moment later (under load, on
+  ksoftirqd) and splits large writes, so the loop reads the sockets' TCP counters and waits in
+  real time until every byte sent is received. A poll then sees exactly what was written before
+  it, and finding nothing means nothing is in flight. (`sendfile` is off: it would write behind
+  the transports' backs.)
+- A job submitted with `run_in_executor` (or `asyncio.to_thread`) is waited for in real time
+  right away, while time stands still: it sees the world as it was when submitted, and its
+  result is back on the loop before anything else happens. The SQLite store and the NVML
+  sampler run on such threads. A job still running after `EXECUTOR_SETTLE_S` is taken to be
+  waiting on this loop (a synchronous client calling a server here); the loop then serves it
+  with real waits, and time stays put until it ends.
 - With no timer at all, the loop blocks on its sockets as any loop does.
 
 Processes started as subprocesses, and the standalone `gpu-agent sim`, run on real time:
@@ -86,11 +91,6 @@ class _JumpingSelector(selectors.DefaultSelector):
         if timeout is None:
             blocked: list[tuple[selectors.SelectorKey, int]] = super().select(None)
             return blocked
-        if self._in_flight():
-            # Loopback data is still on its way between two of our sockets: it will land in a
-            # moment, and nothing may happen later than it in virtual time.
-            waited: list[tuple[selectors.SelectorKey, int]] = super().select(IN_FLIGHT_POLL_S)
-            return waited
         self.loop.advance(timeout)
         return []
 
@@ -113,13 +113,13 @@ class _JumpingSelector(selectors.DefaultSelector):
             deadline_s -= IN_FLIGHT_POLL_S
         written_fds.clear()
 
-    def _in_flight(self, fds: Collection[int] | None = None) -> bool:
-        """Whether loopback data sent from one of `fds` (default: every socket of this loop) is
-        not yet in its peer's receive queue: held unsent by the sender's kernel (TCP small
-        queues defer part of a large write), or sent but not yet received (the kernel's softirq
-        has not run yet; under load it runs later). Peers outside this loop are not checked."""
+    def _in_flight(self, fds: Collection[int]) -> bool:
+        """Whether loopback data sent from one of `fds` is not yet in its peer's receive queue:
+        held unsent by the sender's kernel (TCP small queues defer part of a large write), or
+        sent but not yet received (the kernel's softirq has not run yet; under load it runs
+        later). Peers outside this loop are not checked."""
         registered = self.get_map()
-        for fd in registered.keys() if fds is None else fds:
+        for fd in fds:
             counters = self._counters(fd)
             if counters is None:
                 continue
@@ -223,7 +223,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._virtual_s = max(self._virtual_s, target)
         self.jumps += 1
 
-    def _make_socket_transport(  # type: ignore[override]
+    def _make_socket_transport(
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,

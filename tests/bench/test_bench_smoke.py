@@ -1,19 +1,21 @@
 """Smoke runs of the benchmarks at minimal sizes: each starts what it measures, measures it and
 returns figures of the expected shape with sane values. Timing targets are not checked here.
 
-The overhead and footprint runs start real service processes (`gpu-agent`, `gpu-controller`),
-so most of their time is those processes starting up.
+The overhead and footprint runs start real service processes (`gpu-agent`, `gpu-controller`)
+and run on real time; the scheduling runs are on virtual time and must replay exactly.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from bench import decisions, footprint, overhead
+from bench import decisions, footprint, overhead, scheduling
+from gpu_agent.sim.workload import busy_hour
 
 PATH_KEYS = {"p50_ms", "p99_ms", "first_p50_ms", "first_p99_ms", "req_per_s", "requests", "errors"}
 ADDED_KEYS = {"p50", "p99", "first_p50", "first_p99"}
@@ -70,7 +72,8 @@ def _check_level(figures: Mapping[str, Any], requests: int) -> None:
         assert figures["target_met"][hop] == (added["p50"] < overhead.TARGET_ADDED_P50_MS)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.real_time
+@pytest.mark.timeout(120)
 async def test_overhead_measures_every_path_at_each_level() -> None:
     figures = await overhead.run(levels=((1, 6), (3, 9)), rounds=2, warmup=1, save=False)
 
@@ -80,7 +83,8 @@ async def test_overhead_measures_every_path_at_each_level() -> None:
     assert figures["config"]["model"] == overhead.MODEL
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.real_time
+@pytest.mark.timeout(120)
 async def test_footprint_samples_each_process_idle_and_under_load() -> None:
     figures = await footprint.run(
         speed=50.0, idle_s=0.3, load_s=1.0, interval_s=0.25, streams=1, save=False
@@ -100,3 +104,54 @@ async def test_footprint_samples_each_process_idle_and_under_load() -> None:
     for route in ("controller", "agent"):
         assert figures["load"][route]["generations"] > 0
         assert figures["load"][route]["errors"] == 0
+
+
+# A small busy quarter hour: every policy's code path in a few seconds of CPU.
+SMALL = scheduling.Scenario(
+    "small",
+    1,
+    lambda seed: busy_hour(
+        seed=seed, span_s=90.0, llm_requests=6, sdxl_bursts=1, sdxl_per_burst=2, sd15_jobs=2
+    ),
+)
+
+
+@pytest.mark.timeout(300)
+def test_scheduling_summarises_every_policy_with_the_json_contract() -> None:
+    seeds = [0]
+    runs = {
+        (p, seed): scheduling.run_one(SMALL, p, seed) for p in scheduling.POLICIES for seed in seeds
+    }
+    section = scheduling.summarize(SMALL, seeds, runs)
+
+    assert section["seeds"] == 1
+    assert set(section["policies"]) == set(scheduling.POLICIES)
+    for policy, figures in section["policies"].items():
+        for total in ("oom", "spilled", "failed"):
+            assert isinstance(figures[total], int)
+            assert figures[total] >= 0
+        for spread in ("makespan_over_bound", "llm_p95_s", "image_p95_s"):
+            assert set(figures[spread]) == {"mean", "worst"}
+            assert _finite(*figures[spread].values())
+        # No run finishes before its lower bound.
+        assert figures["makespan_over_bound"]["mean"] >= 1.0, policy
+    ours = section["policies"]["controller"]
+    assert ours["oom"] == 0
+    assert ours["spilled"] == 0
+    assert ours["failed"] == 0
+    assert 0.0 <= ours["quality_top_share"]["worst"] <= ours["quality_top_share"]["mean"] <= 1.0
+    assert set(scheduling.targets({"small": section})) == {
+        "small.no_oom_spill_or_failure",
+        "small.makespan_mean_within_1_05",
+        "small.makespan_worst_within_1_10",
+        "small.llm_p95_not_worse_than_best_baseline",
+        "small.quality_top_share_at_least_0_9",
+    }
+
+
+@pytest.mark.timeout(300)
+def test_a_scheduling_run_replays_exactly() -> None:
+    first = scheduling.run_one(SMALL, "controller", 3)
+    again = scheduling.run_one(SMALL, "controller", 3)
+
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)

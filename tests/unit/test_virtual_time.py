@@ -137,3 +137,62 @@ async def test_the_suite_runs_on_virtual_time() -> None:
 @pytest.mark.real_time
 async def test_real_time_tests_get_a_standard_loop() -> None:
     assert not isinstance(asyncio.get_running_loop(), VirtualTimeLoop)
+
+
+def test_a_large_transfer_lands_before_time_moves() -> None:
+    payload = bytes(range(256)) * (16 * 1024)  # 4 MiB: the kernel splits and paces it
+
+    async def main() -> tuple[bool, float]:
+        async def send(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(payload)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(send, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t0 = clock.monotonic_s()
+        ticks = asyncio.create_task(asyncio.sleep(0.001))  # a timer a jump would reach at once
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        received = await asyncio.wait_for(reader.readexactly(len(payload)), timeout=5)
+        elapsed = clock.monotonic_s() - t0
+        writer.close()
+        await ticks
+        server.close()
+        await server.wait_closed()
+        return received == payload, elapsed
+
+    intact, elapsed = run_virtual(main())
+    assert intact
+    assert elapsed == 0.0
+
+
+def test_the_same_program_replays_the_same_interleaving() -> None:
+    async def main() -> list[str]:
+        order: list[str] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            line = await reader.readline()
+            await asyncio.to_thread(sum, range(1000))
+            writer.write(line)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def client(name: str, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(name.encode() + b"\n")
+            order.append(f"{name} sent at {clock.monotonic_s():.3f}")
+            order.append(f"{name} got {(await reader.readline()).strip().decode()}")
+            writer.close()
+
+        await asyncio.gather(*(client(f"c{i}", (i % 3) * 0.5) for i in range(12)))
+        server.close()
+        await server.wait_closed()
+        return order
+
+    first = run_virtual(main())
+    assert len(first) == 24
+    assert run_virtual(main()) == first
