@@ -61,7 +61,11 @@ POLL_SIM_S = 0.5
 BASELINE_MODEL = {"auto:fast": "llama3.2:3b", "auto:quality": "qwen2.5:14b"}
 TOKEN = "bench-token"
 POLICIES = ("controller", "direct", "keep_alive_0", "reactive_free")
-DEFAULT_SEEDS = int(os.environ.get("BENCH_SEEDS", "20"))
+# Seeds per scenario in `make bench`, sized so the whole of `make bench` fits in about ten
+# minutes on 2 cores: a controller run costs about 12 CPU seconds per simulated busy hour, most of
+# it the agents' once-a-second polling, so a simulated day costs minutes. BENCH_SEEDS=n (or
+# `python -m bench.scheduling n`) runs n seeds of every scenario instead.
+DEFAULT_SEEDS: dict[str, int] = {"busy_hour": 20, "fleet_4": 2, "studio_day": 1}
 # Generous: a request may wait behind a whole burst of image jobs.
 HTTP_TIMEOUT_S = 3600.0
 DEFAULT_CONTEXT = 4096
@@ -440,17 +444,28 @@ def targets(scenarios: dict[str, Any]) -> dict[str, bool]:
     return met
 
 
+def seeds_from_environment() -> dict[str, int]:
+    """`DEFAULT_SEEDS`, or BENCH_SEEDS seeds of every scenario when that is set."""
+    override = os.environ.get("BENCH_SEEDS")
+    if override:
+        return dict.fromkeys(SCENARIOS, int(override))
+    return dict(DEFAULT_SEEDS)
+
+
 def run(
     *,
-    seeds: int = DEFAULT_SEEDS,
+    seeds: int | dict[str, int] | None = None,
     scenarios: Sequence[str] = tuple(SCENARIOS),
     workers: int | None = None,
     save: bool = True,
 ) -> dict[str, Any]:
     """Every (scenario, policy, seed) run, spread over worker processes; prints a table per
     scenario and records the `scheduling` section of out/bench.json."""
-    seed_list = list(range(seeds))
-    jobs = [(s, p, seed) for s in scenarios for p in POLICIES for seed in seed_list]
+    if seeds is None:
+        seeds = seeds_from_environment()
+    per_scenario = seeds if isinstance(seeds, dict) else dict.fromkeys(scenarios, seeds)
+    seed_lists = {name: list(range(per_scenario[name])) for name in scenarios}
+    jobs = [(s, p, seed) for s in scenarios for p in POLICIES for seed in seed_lists[s]]
     workers = workers or os.cpu_count() or 1
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     if workers == 1:
@@ -462,6 +477,7 @@ def run(
                 results[job] = result
     sections: dict[str, Any] = {}
     for name in scenarios:
+        seed_list = seed_lists[name]
         runs = {(p, seed): results[(name, p, seed)] for p in POLICIES for seed in seed_list}
         sections[name] = summarize(SCENARIOS[name], seed_list, runs)
         _print_table(name, sections[name])
@@ -495,4 +511,4 @@ def _print_table(name: str, section: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run(seeds=int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SEEDS)
+    run(seeds=int(sys.argv[1]) if len(sys.argv) > 1 else None)

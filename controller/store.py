@@ -373,7 +373,7 @@ class JobStore:
             return _record(updated)
 
     def unfinished(self) -> builtins.list[JobRecord]:
-        """Every job not in a final state, oldest first (ties in order of creation): what to resume."""
+        """Every job not in a final state, oldest first (ties in creation order): what to resume."""
         final = tuple(FINAL_JOB_STATES)
         marks = ", ".join("?" for _ in final)
         rows = self._read(

@@ -137,7 +137,12 @@ class PolicyConfig:
 
 @dataclass(frozen=True, slots=True)
 class LlmRequest:
-    """One generation to place. `model` is a model name or "auto", "auto:fast", "auto:quality"."""
+    """One generation to place. `model` is a model name or "auto", "auto:fast", "auto:quality".
+
+    `min_quality` (0-100) and `max_latency_s` are the caller's limits on the choice. For
+    "auto:quality" they also say what the caller accepts instead of waiting for the top model
+    (see `controller.domain.selection`); without them it waits.
+    """
 
     model: str
     prompt_tokens: int

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from controller.domain.admission import Admit, Hold, image_need_bytes, plan_images
-from controller.domain.selection import Choice, select
+from controller.domain.selection import Choice, NoChoice, quality_tier, select, top_model
 from controller.domain.types import (
     AgentState,
     ImageJob,
@@ -56,6 +56,18 @@ def agents(draw: st.DrawFn, name: str = "desk") -> AgentState:
         comfy_family=comfy_family,
         pending_bytes=draw(st.integers(0, GIB)),
     )
+
+
+@st.composite
+def busy_agents(draw: st.DrawFn, name: str = "desk") -> AgentState:
+    """An agent as `agents` draws it, sometimes running an image job or draining for one."""
+    agent = draw(agents(name))
+    if draw(st.booleans()) and agent.comfy_family is not None:
+        running = RunningImage("job", agent.comfy_bytes, agent.comfy_family, NOW - 5)
+        agent = dataclasses.replace(agent, image_running=running)
+    if draw(st.booleans()):
+        agent = dataclasses.replace(agent, held_image_since=NOW - draw(st.floats(0, 300)))
+    return agent
 
 
 @st.composite
@@ -113,6 +125,70 @@ def test_selection_never_evicts_busy_models_and_auto_never_spills(
             need = CATALOG[result.model].vram_bytes
             assert need <= agent.free_bytes + result.room.freed_bytes
     assert result.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(busy_agents(), min_size=1, max_size=2),
+    st.integers(1, 4000),
+    st.none() | st.integers(1, 2048),
+    st.none() | st.floats(40, 90),
+    st.none() | st.floats(0.5, 60),
+)
+def test_auto_quality_is_the_top_model_and_never_below_the_tier_unless_allowed(
+    fleet: list[AgentState],
+    prompt_tokens: int,
+    output_tokens: int | None,
+    min_quality: float | None,
+    max_latency_s: float | None,
+) -> None:
+    fleet = [dataclasses.replace(a, name=f"desk{i}") for i, a in enumerate(fleet)]
+    request = LlmRequest("auto:quality", prompt_tokens, output_tokens, min_quality, max_latency_s)
+    result = select(request, fleet, CATALOG, NOW, CONFIG)
+    assert result.reason
+    if isinstance(result, NoChoice):
+        assert result.retry_after_s > 0
+        if min_quality is None and max_latency_s is None:
+            assert result.reason.startswith("auto:quality waits for"), result.reason
+        return
+    assert not result.spills
+    assert min_quality is None or result.quality >= min_quality
+    assert max_latency_s is None or result.expected_latency_s <= max_latency_s
+    top = top_model(CATALOG, fleet)
+    assert top is not None
+    if min_quality is None and max_latency_s is None:
+        # Unconstrained: the top model or a hold, never a weaker model.
+        assert result.model == top.name
+    tier = quality_tier(CATALOG, fleet)
+    if result.quality >= tier:
+        return
+    assert "below the quality tier" in result.reason
+    if min_quality is not None and min_quality < tier:
+        assert "min_quality" in result.reason
+        return
+    # Only a latency limit that no model at the tier can meet now allows it.
+    assert max_latency_s is not None
+    assert "could not be met by" in result.reason
+    for name, profile in CATALOG.items():
+        if profile.quality >= tier and profile.size_bytes <= fleet[0].budget_bytes:
+            by_name = dataclasses.replace(request, model=name, min_quality=None)
+            assert isinstance(select(by_name, fleet, CATALOG, NOW, CONFIG), NoChoice), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(busy_agents(), st.integers(1, 4000), st.none() | st.integers(1, 2048))
+def test_auto_fast_loads_only_when_no_resident_model_answers_sooner(
+    agent: AgentState, prompt_tokens: int, output_tokens: int | None
+) -> None:
+    request = LlmRequest("auto:fast", prompt_tokens, output_tokens)
+    result = select(request, [agent], CATALOG, NOW, CONFIG)
+    if not isinstance(result, Choice) or not result.load:
+        return
+    for model in agent.resident:
+        stay = select(dataclasses.replace(request, model=model.name), [agent], CATALOG, NOW, CONFIG)
+        assert isinstance(stay, Choice)
+        assert not stay.load
+        assert stay.expected_latency_s >= result.expected_latency_s - 1e-6, stay.reason
 
 
 @settings(max_examples=100, deadline=None)

@@ -41,6 +41,20 @@ def test_explicit_name_is_honoured_even_when_it_spills() -> None:
     assert "partly on the CPU" in choice.reason
 
 
+def test_auto_fast_never_waits_for_a_load_while_a_resident_model_answers_sooner() -> None:
+    agent = desktop(resident("qwen2.5:7b", loaded_at=0.0))
+    # 16 tokens: the resident 7b answers in ~0.2 s, before llama3.2:3b's 1.2 s load is done.
+    short = choose(LlmRequest("auto:fast", prompt_tokens=50, output_tokens=16), agent)
+    assert short.model == "qwen2.5:7b"
+    assert not short.load
+    assert "resident" in short.reason
+    # 512 tokens: the 3b's speed repays its load (~4.3 s against ~6.4 s), so it is the sooner.
+    long = choose(LlmRequest("auto:fast", prompt_tokens=50, output_tokens=512), agent)
+    assert long.model == "llama3.2:3b"
+    assert long.load
+    assert long.expected_latency_s < 6.4
+
+
 def test_resident_model_is_preferred_by_auto() -> None:
     agent = desktop(resident("qwen2.5:7b", loaded_at=0.0))
     choice = choose(LlmRequest("auto", prompt_tokens=100), agent)
