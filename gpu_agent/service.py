@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 # How often a confirmation loop re-reads NVML. Ollama's own VRAM-recovery wait polls every 250 ms.
 CONFIRM_POLL_S = 0.02
+# The periodic refresh re-reads Ollama's version and models on disk this often (`ollama pull` and
+# `ollama rm` are rare); the running models it reads every time.
+CATALOG_REFRESH_S = 10.0
 # While a prompt runs, ComfyUI holds a /free until it ends (tens of seconds): poll it gently.
 BUSY_POLL_S = 0.5
 # An unload counts as confirmed once this share of the runner's VRAM is back (as Ollama judges it).
@@ -146,6 +149,8 @@ class AgentService:
         # Bumped whenever a load or unload reads or changes the runner list: a background
         # refresh that overlapped it holds an older list and must not overwrite it.
         self._running_epoch = 0
+        # When Ollama's version and models on disk are next re-read by the periodic refresh.
+        self._catalog_due_s = -math.inf
         comfyui.on_event = self._on_prompt_event
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -170,22 +175,31 @@ class AgentService:
         await self.sampler.stop()
         await self.ollama.aclose()
 
-    async def refresh(self) -> None:
-        """Re-read Ollama's and ComfyUI's state now."""
-        await asyncio.gather(self._refresh_ollama(), self._refresh_comfyui())
+    async def refresh(self, *, full: bool = True) -> None:
+        """Re-read Ollama's and ComfyUI's state now. With `full=False` Ollama's version and
+        models on disk are re-read only every `CATALOG_REFRESH_S`: they change rarely, while the
+        running models change with every request."""
+        await asyncio.gather(self._refresh_ollama(full=full), self._refresh_comfyui())
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.sample_interval_s)
-            await self.refresh()
+            await self.refresh(full=False)
 
-    async def _refresh_ollama(self) -> None:
+    async def _refresh_ollama(self, *, full: bool) -> None:
         state = self._ollama_state
         epoch = self._running_epoch
+        now_s = clock.monotonic_s()
+        catalog_due = full or not state.reachable or now_s >= self._catalog_due_s
         try:
-            version, available, running = await asyncio.gather(
-                self.ollama.version(), self.ollama.available(), self.ollama.running()
-            )
+            if catalog_due:
+                version, available, running = await asyncio.gather(
+                    self.ollama.version(), self.ollama.available(), self.ollama.running()
+                )
+                self._catalog_due_s = now_s + CATALOG_REFRESH_S
+            else:
+                version, available = state.version or "", state.available
+                running = await self.ollama.running()
         except OllamaError as exc:
             if state.reachable:
                 log.warning("Ollama unreachable: %s", exc)
