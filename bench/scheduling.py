@@ -78,11 +78,15 @@ class Scenario:
     name: str
     desktops: int
     arrivals: Callable[[int], list[Arrival]]
+    # How often the agents sample the GPU and re-read Ollama and ComfyUI.
+    sample_interval_s: float = 1.0
 
 
 SCENARIOS: dict[str, Scenario] = {
     "busy_hour": Scenario("busy_hour", 1, lambda seed: busy_hour(seed=seed)),
-    "studio_day": Scenario("studio_day", 1, lambda seed: studio_day(seed=seed)),
+    # A day is mostly quiet: the agent samples every 5 s, as a studio would set it for a day
+    # and night of work, which keeps a simulated day to a few CPU minutes.
+    "studio_day": Scenario("studio_day", 1, lambda seed: studio_day(seed=seed), 5.0),
     "fleet_4": Scenario("fleet_4", 4, lambda seed: fleet_hour(seed=seed, desktops=4)),
 }
 
@@ -273,13 +277,22 @@ async def run_baseline(
 
 
 async def run_controller(
-    arrivals: list[Arrival], data_dir: Path, *, desktops: int, seed: int
+    arrivals: list[Arrival],
+    data_dir: Path,
+    *,
+    desktops: int,
+    seed: int,
+    sample_interval_s: float = 1.0,
 ) -> Outcome:
     """One run with every request through the controller, on production settings."""
     desks = await _start_desktops(desktops, data_dir, seed)
     try:
         async with simulated_stack(
-            desks, data_dir / "controller", token=TOKEN, llm_wait_s=HTTP_TIMEOUT_S
+            desks,
+            data_dir / "controller",
+            token=TOKEN,
+            llm_wait_s=HTTP_TIMEOUT_S,
+            sample_interval_s=sample_interval_s,
         ) as stack:
             headers = {"Authorization": f"Bearer {TOKEN}"}
             timeout = httpx.Timeout(HTTP_TIMEOUT_S, connect=60.0)
@@ -354,7 +367,13 @@ def run_one(scenario_name: str | Scenario, policy: str, seed: int) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as tmp:
         folder = Path(tmp)
         if policy == "controller":
-            coro = run_controller(arrivals, folder, desktops=scenario.desktops, seed=seed)
+            coro = run_controller(
+                arrivals,
+                folder,
+                desktops=scenario.desktops,
+                seed=seed,
+                sample_interval_s=scenario.sample_interval_s,
+            )
         else:
             coro = run_baseline(policy, arrivals, folder, desktops=scenario.desktops, seed=seed)
         outcome = run_virtual(coro)

@@ -650,6 +650,8 @@ class StudioClient:
         stream = stream or policy is _Retry.GENERATION
         what = f"{method} {path}"
         budget_s = self.timeout_s
+        # Measured on the one clock, not tenacity's own (the process clock).
+        started_s = clock.monotonic_s()
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -657,7 +659,7 @@ class StudioClient:
 
         def stop(state: RetryCallState) -> bool:
             # The next wait is computed here too: a Retry-After past the budget ends it now.
-            over = (state.seconds_since_start or 0.0) + wait(state) > budget_s
+            over = clock.monotonic_s() - started_s + wait(state) > budget_s
             return state.attempt_number > self.retries or over
 
         def note(state: RetryCallState) -> None:

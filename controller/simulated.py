@@ -51,11 +51,20 @@ async def simulated_stack(
     tick_interval_s: float = 0.5,
     llm_wait_s: float = 30.0,
 ) -> AsyncIterator[SimulatedStack]:
-    """An agent on each desktop (already started) and a controller following them, ready."""
+    """An agent on each desktop (already started) and a controller following them, ready.
+
+    The agents sample every `sample_interval_s` and count as stale after three samples missed
+    (at least the agent's default); the controller trusts snapshots as long as the agents do."""
+    stale_after_s = max(float(AgentSettings.model_fields["stale_after_s"].default),
+                        3 * sample_interval_s)  # fmt: skip
     fleet = [desktops] if isinstance(desktops, SimDesktop) else list(desktops)
     names = agent_names(len(fleet))
     agent_settings = AgentSettings(
-        port=0, simulate=True, sample_interval_s=sample_interval_s, token=token
+        port=0,
+        simulate=True,
+        sample_interval_s=sample_interval_s,
+        stale_after_s=stale_after_s,
+        token=token,
     )
     async with contextlib.AsyncExitStack() as stack:
         agents = [
@@ -72,7 +81,9 @@ async def simulated_stack(
             token=token,
             tick_interval_s=tick_interval_s,
             llm_wait_s=llm_wait_s,
-        )
+            stale_after_s=max(stale_after_s,
+                              float(ControllerSettings.model_fields["stale_after_s"].default)),
+        )  # fmt: skip
         controller = await stack.enter_async_context(running_controller(settings))
         for name in names:
             await controller.engine.links[name].wait_for_snapshot(FIRST_SNAPSHOT_TIMEOUT_S)

@@ -3,7 +3,8 @@
 Each emulator owns one `ServerFaults`; tests flip its fields at run time and the aiohttp
 middleware from `fault_middleware` obeys them on every request. Faults that belong to one protocol
 (a mid-stream error line, a silent websocket) live here too and are read by that emulator.
-Delays are in real seconds, because what they exercise is the client's real timeouts.
+Delays are in seconds of the loop's clock (virtual in process, real for `gpu-agent sim`): what
+they exercise is the client's timeouts, which run on the same clock.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ServerFaults:
     """The faults one emulated server is currently showing. All off by default."""
 
     def __init__(self) -> None:
-        self.response_delay_real_s = 0.0
+        self.response_delay_s = 0.0
         self.fail_status: int | None = None
         self.fail_message = "simulated failure"
         self.fail_remaining: int | None = None
@@ -51,7 +52,7 @@ class ServerFaults:
 
     def clear(self) -> None:
         """Switch every fault off."""
-        self.response_delay_real_s = 0.0
+        self.response_delay_s = 0.0
         self.fail_status = None
         self.fail_remaining = None
         self.fail_stream_after_tokens = None
@@ -81,8 +82,8 @@ def fault_middleware(faults: ServerFaults, respond_error: ErrorResponder) -> Cal
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if faults.hung:
             await faults.wait_released()
-        if faults.response_delay_real_s > 0:
-            await asyncio.sleep(faults.response_delay_real_s)
+        if faults.response_delay_s > 0:
+            await asyncio.sleep(faults.response_delay_s)
         status = faults.take_failure()
         if status is not None:
             return respond_error(status, faults.fail_message)

@@ -2,8 +2,17 @@
 
 `running_stack()` starts an agent on a `SimDesktop` and a controller that schedules on it, waits
 until the controller sees the agent healthy, and hands back a `Stack` with an authenticated HTTP
-client for the controller. Intervals are small (agent samples every 50 ms, the controller plans
-every 50 ms) so that the scenarios run in well under a second of real time at sim speed 100.
+client for the controller.
+
+The tests run on the virtual-time loop (see `tests/conftest.py`), so the desktop runs at speed 1
+and every figure is realistic: a cold qwen2.5:7b load takes 3.5 simulated seconds, an SDXL image
+at 20 steps about 9 s with its checkpoint load. Waiting costs no real time, so the settings are
+production-like: the agent samples every 0.5 s, the controller plans every 0.25 s, and timeouts
+are the ones a studio would configure (a model load may take 300 s, one HTTP call to the
+controller 600 s, since an LLM request may wait for room). Deadlines in tests are simulated
+seconds too, sized to the simulated work they wait for. Two deliberate departures from the
+defaults: no minimum residency, so a scenario's eviction happens when its plan calls for it, and
+LLM requests wait at most `LLM_WAIT_S` for room.
 """
 
 from __future__ import annotations
@@ -34,9 +43,17 @@ CONTROLLER_TOKEN = "controller-t0ken"
 AUTH = {"Authorization": f"Bearer {CONTROLLER_TOKEN}"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-# One HTTP call to the controller; generous, since an LLM request may wait for room.
-HTTP_TIMEOUT_S = 20.0
-READY_TIMEOUT_S = 5.0
+# One HTTP call to the controller, in simulated seconds; generous, since an LLM request may wait
+# for room behind a long generation or an image job.
+HTTP_TIMEOUT_S = 600.0
+# Until the controller first sees its agent healthy: a few telemetry samples and snapshots.
+READY_TIMEOUT_S = 30.0
+# How long the stack's LLM requests wait for room before a 503 (the production default is 30 s).
+LLM_WAIT_S = 30.0
+# Default deadline of `Stack.wait_job`: a few SDXL images with their checkpoint load.
+JOB_TIMEOUT_S = 120.0
+# How often a test re-checks what it waits for (a job, the fleet): as often as a client would.
+POLL_S = 0.1
 
 
 def sd15(*, steps: int = 20, seed: int = 1) -> dict[str, Any]:
@@ -50,13 +67,14 @@ def sdxl(*, steps: int = 20, seed: int = 1) -> dict[str, Any]:
 
 
 def agent_settings(port: int = 0) -> AgentSettings:
-    """The agent as the tests run it: simulated, sampling every 50 ms, behind a token."""
+    """The agent as the tests run it: simulated, sampling every 0.5 s, behind a token."""
     return AgentSettings(
         port=port,
         simulate=True,
-        sim_speed=100,
-        sample_interval_s=0.05,
+        sample_interval_s=0.5,
         stale_after_s=5.0,
+        request_timeout_s=10.0,
+        load_timeout_s=300.0,
         token=AGENT_TOKEN,
     )
 
@@ -68,12 +86,12 @@ def controller_settings(data_dir: Path, agent_url: str, **overrides: Any) -> Con
         "data_dir": data_dir,
         "agents": [AgentEndpoint(name=AGENT_NAME, url=agent_url, token=AGENT_TOKEN)],
         "token": CONTROLLER_TOKEN,
-        "tick_interval_s": 0.05,
-        "llm_wait_s": 3.0,
+        "tick_interval_s": 0.25,
+        "llm_wait_s": LLM_WAIT_S,
         "min_residency_s": 0.0,
-        "stale_after_s": 5.0,
-        "request_timeout_s": 5.0,
-        "load_timeout_s": 10.0,
+        "stale_after_s": 10.0,
+        "request_timeout_s": 60.0,
+        "load_timeout_s": 300.0,
     }
     values.update(overrides)
     return ControllerSettings(**values)
@@ -121,7 +139,10 @@ class Stack:
         return body
 
     async def wait_job(
-        self, job_id: str, states: frozenset[str] | str = FINAL_STATES, timeout_s: float = 5.0
+        self,
+        job_id: str,
+        states: frozenset[str] | str = FINAL_STATES,
+        timeout_s: float = JOB_TIMEOUT_S,
     ) -> dict[str, Any]:
         """The job once its state is one of `states` (by default: any final state)."""
         wanted = frozenset({states}) if isinstance(states, str) else states
@@ -131,7 +152,7 @@ class Stack:
             return job if job["state"] in wanted else None
 
         result: dict[str, Any] = await wait_until(
-            reached, timeout_s=timeout_s, poll_s=0.01, what=f"job {job_id} in {sorted(wanted)}"
+            reached, timeout_s=timeout_s, poll_s=POLL_S, what=f"job {job_id} in {sorted(wanted)}"
         )
         return result
 
@@ -162,7 +183,9 @@ async def wait_agent_healthy(engine: Engine, timeout_s: float = READY_TIMEOUT_S)
                 return False
         return True
 
-    await wait_until(ready, timeout_s=timeout_s, what="the controller to see its agent healthy")
+    await wait_until(
+        ready, timeout_s=timeout_s, poll_s=POLL_S, what="the controller to see its agent healthy"
+    )
 
 
 @contextlib.asynccontextmanager

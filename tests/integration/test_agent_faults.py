@@ -151,7 +151,7 @@ async def test_silent_websocket_still_delivers_the_outcome(
 async def test_slow_ollama_still_serves(client: httpx.AsyncClient, desktop: SimDesktop) -> None:
     # Every answer comes 2 s late (seconds of the loop's clock, virtual here): slow, but within
     # the agent's request timeout.
-    desktop.ollama.faults.response_delay_real_s = 2.0
+    desktop.ollama.faults.response_delay_s = 2.0
     response = await client.post("/v1/ollama/load", json={"model": QWEN})
     assert response.status_code == 200, response.text
     generated = await client.post(

@@ -1,10 +1,11 @@
 """`StudioClient` against the whole studio on loopback, and its retry rules on a mock transport.
 
-The integration half runs a simulated desktop (speed 100), an agent and a controller, and checks
-that the client's typed results carry what the controller really answered: the chosen model,
-agent and reason from the headers, token counts and speed from Ollama's final line, PNG bytes
-of image jobs, job progress from the event stream, and each error class for its cause. The
-mock-transport half pins down when a request is sent again and how long the client waits.
+The integration half runs a simulated desktop, an agent and a controller on the virtual-time
+loop, and checks that the client's typed results carry what the controller really answered: the
+chosen model, agent and reason from the headers, token counts and speed from Ollama's final line,
+PNG bytes of image jobs, job progress from the event stream, and each error class for its cause.
+Every duration and deadline here is in simulated seconds. The mock-transport half pins down when
+a request is sent again and how long the client waits.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import contextlib
 import json
 import socket
 import struct
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from controller.client import (
     StudioTimeout,
     StudioUnavailable,
 )
+from gpu_agent import clock
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from tests.integration.stack import (
@@ -50,6 +51,11 @@ SMALL = "llama3.2:3b"
 MODELS = ("auto", "auto:fast", "auto:quality", SMALL)
 MODES = ("generate", "generate_stream", "chat", "chat_stream")
 PROMPT = "write a haiku about a lighthouse"
+# The client's limit on each read, and on each wait for a job: a few images' worth of simulated
+# seconds, checkpoint loads included.
+STUDIO_TIMEOUT_S = 60.0
+# How long the stack's LLM requests wait for room before a 503.
+LLM_WAIT_S = 5.0
 
 
 class RecordingSleep:
@@ -73,14 +79,16 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.fixture
 async def stack(desktop: SimDesktop, tmp_path: Path) -> AsyncIterator[Stack]:
-    # LLM requests give up waiting for capacity quickly, so a 503 comes in well under a second.
-    async with running_stack(desktop, tmp_path / "controller", llm_wait_s=0.2) as running:
+    # LLM requests give up waiting for capacity after a few seconds, so a 503 comes soon.
+    async with running_stack(desktop, tmp_path / "controller", llm_wait_s=LLM_WAIT_S) as running:
         yield running
 
 
 @pytest.fixture
 async def studio(stack: Stack) -> AsyncIterator[StudioClient]:
-    async with StudioClient(stack.url, token=CONTROLLER_TOKEN, timeout_s=10.0) as client:
+    async with StudioClient(
+        stack.url, token=CONTROLLER_TOKEN, timeout_s=STUDIO_TIMEOUT_S
+    ) as client:
         yield client
 
 
@@ -103,6 +111,7 @@ async def run_mode(studio: StudioClient, mode: str, model: str) -> tuple[list[Ch
         else studio.chat_stream(messages, model=model)
     )
     chunks = [chunk async for chunk in stream]
+    assert chunks, f"{mode} of {model} streamed nothing"
     final = chunks[-1].final
     assert final is not None
     return chunks, final
@@ -181,7 +190,7 @@ async def test_error_line_mid_stream_raises_after_the_pieces_sent(
 async def test_generate_image_wait_returns_png_bytes(studio: StudioClient) -> None:
     workflow = text_to_image(SD15, width=512, height=768, batch=2, steps=10)
 
-    images = await studio.generate_image(workflow, wait=True, timeout_s=5.0)
+    images = await studio.generate_image(workflow, wait=True, timeout_s=STUDIO_TIMEOUT_S)
 
     assert len(images) == 2
     assert [png_size(image) for image in images] == [(512, 768), (512, 768)]
@@ -200,6 +209,7 @@ async def test_image_handle_follows_progress_to_the_end(studio: StudioClient) ->
         if info.progress is not None and info.progress.step is not None:
             steps.append(info.progress.step)
 
+    assert states, "the job's progress stream showed nothing"
     assert states[-1] == "succeeded"
     assert states.count("succeeded") == 1
     assert "running" in states
@@ -215,14 +225,18 @@ async def test_image_handle_follows_progress_to_the_end(studio: StudioClient) ->
 
 
 async def test_cancel_a_running_job(studio: StudioClient) -> None:
-    job = await studio.generate_image(text_to_image(SDXL, steps=400))
+    # 100 SDXL steps: 24 simulated seconds of sampling, so it is cancelled mid-run.
+    job = await studio.generate_image(text_to_image(SDXL, steps=100))
+    sampling = False
     async with contextlib.aclosing(job.progress()) as events:
         async for info in events:
             if info.state == "running" and info.progress and info.progress.step:
+                sampling = True
                 break
+    assert sampling, f"the job ended as {job.info.state} before it was seen sampling"
 
     await job.cancel()
-    final = await job.wait(timeout_s=5.0)
+    final = await job.wait(timeout_s=STUDIO_TIMEOUT_S)
 
     assert final.state == "cancelled"
     assert (await studio.cancel(job.id)).state == "cancelled"  # a repeated cancel is harmless
@@ -234,7 +248,7 @@ async def test_cancel_a_running_job(studio: StudioClient) -> None:
 async def test_waiting_for_a_failed_job_raises_job_failed(studio: StudioClient) -> None:
     with pytest.raises(JobFailed) as raised:
         await studio.generate_image(
-            text_to_image("no-such-checkpoint.safetensors"), wait=True, timeout_s=5.0
+            text_to_image("no-such-checkpoint.safetensors"), wait=True, timeout_s=STUDIO_TIMEOUT_S
         )
 
     assert raised.value.info.state == "failed"
@@ -242,13 +256,16 @@ async def test_waiting_for_a_failed_job_raises_job_failed(studio: StudioClient) 
 
 
 async def test_wait_is_bounded_by_its_timeout(studio: StudioClient) -> None:
-    job = await studio.generate_image(text_to_image(SDXL, steps=5000))
-    started = time.monotonic()
+    # 1000 SDXL steps: four simulated minutes, far longer than the wait.
+    job = await studio.generate_image(text_to_image(SDXL, steps=1000))
+    limit_s = 5.0
+    started = clock.monotonic_s()
 
     with pytest.raises(StudioTimeout):
-        await job.wait(timeout_s=0.3)
+        await job.wait(timeout_s=limit_s)
 
-    assert time.monotonic() - started < 1.5
+    # Given up at its limit, in simulated seconds, not when the job ended.
+    assert limit_s <= clock.monotonic_s() - started < limit_s + 0.5
     assert not job.done
     assert (await job.cancel()).id == job.id
 
@@ -263,7 +280,7 @@ async def test_models_fleet_and_health(studio: StudioClient) -> None:
     fleet = await studio.fleet()
     health = await studio.health()
 
-    small = next(m for m in models.models if m.name == SMALL)
+    (small,) = [m for m in models.models if m.name == SMALL]
     assert small.agents == [AGENT_NAME]
     assert small.vram_bytes > 0
     [agent] = fleet.agents
@@ -327,7 +344,7 @@ def refusing_port() -> Iterator[int]:
 async def test_controller_down_is_unavailable_quickly() -> None:
     with refusing_port() as port:
         async with StudioClient(f"http://127.0.0.1:{port}", retries=2) as client:
-            started = time.monotonic()
+            started = clock.monotonic_s()
             with pytest.raises(StudioUnavailable) as raised:
                 await client.models()
             with pytest.raises(StudioUnavailable):
@@ -336,7 +353,8 @@ async def test_controller_down_is_unavailable_quickly() -> None:
                 await client.generate_image(text_to_image())
 
     assert not raised.value.reached_server
-    assert time.monotonic() - started < 3.0
+    # Two quick retries of each request, in simulated seconds: no long back-off.
+    assert clock.monotonic_s() - started < 3.0
 
 
 # -- retry rules on a mock transport ---------------------------------------------------------
@@ -434,7 +452,8 @@ async def test_generation_retries_503_after_retry_after() -> None:
 
 async def test_retry_after_as_http_date() -> None:
     sleep = RecordingSleep()
-    when = format_datetime(datetime.now(UTC) + timedelta(seconds=10), usegmt=True)
+    # The client reads the wall clock through `gpu_agent.clock`, virtual here like its durations.
+    when = format_datetime(clock.utc_now() + timedelta(seconds=10), usegmt=True)
     ok = httpx.Response(200, headers=ROUTE_HEADERS, content=ndjson(FINAL_LINE))
     recorder = Recorder(busy(when), ok)
 

@@ -24,7 +24,9 @@ from gpu_agent.sim.workflows import blank_image
 from tests.integration.stack import (
     AUTH,
     CONTROLLER_TOKEN,
+    HTTP_TIMEOUT_S,
     PNG_SIGNATURE,
+    POLL_S,
     Stack,
     agent_settings,
     ndjson_lines,
@@ -38,6 +40,8 @@ from tests.waiting import wait_until
 SMALL = "llama3.2:3b"
 MID = "qwen2.5:7b"
 AUTO = ("auto", "auto:fast", "auto:quality")
+# How long an impatient stack's LLM requests wait for room before a 503, in simulated seconds.
+IMPATIENT_WAIT_S = 5.0
 
 
 @pytest.fixture
@@ -49,12 +53,14 @@ async def stack(desktop: SimDesktop, tmp_path: Path) -> AsyncIterator[Stack]:
 @pytest.fixture
 async def impatient(desktop: SimDesktop, tmp_path: Path) -> AsyncIterator[Stack]:
     """A stack whose LLM requests wait only briefly for capacity before a 503."""
-    async with running_stack(desktop, tmp_path / "controller", llm_wait_s=0.2) as running:
+    async with running_stack(
+        desktop, tmp_path / "controller", llm_wait_s=IMPATIENT_WAIT_S
+    ) as running:
         yield running
 
 
 def client(stack: Stack) -> ollama.AsyncClient:
-    return ollama.AsyncClient(host=stack.url, headers=AUTH, timeout=20.0)
+    return ollama.AsyncClient(host=stack.url, headers=AUTH, timeout=HTTP_TIMEOUT_S)
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
@@ -76,7 +82,7 @@ async def test_ollama_client_lists_virtual_and_real_models(stack: Stack) -> None
     assert names[:3] == list(AUTO)
     for model in (SMALL, MID, "qwen2.5:14b", "mistral-small:latest"):
         assert model in names
-    real = next(m for m in listed.models if m.model == SMALL)
+    (real,) = [m for m in listed.models if m.model == SMALL]
     assert real.size is not None
     assert real.size > 0
     assert real.details is not None
@@ -124,6 +130,7 @@ async def test_ollama_client_generate_and_chat(stack: Stack) -> None:
             options={"num_predict": 15},
         )
     ]
+    assert chunks, "the streamed chat sent nothing"
     assert chunks[-1].done is True
     assert chunks[-1].eval_count == 15
     assert "".join(c.message.content or "" for c in chunks).strip()
@@ -200,13 +207,12 @@ async def test_no_agent_left_is_503(desktop: SimDesktop, tmp_path: Path) -> None
     agent_exit = contextlib.AsyncExitStack()
     async with agent_exit:
         agent = await agent_exit.enter_async_context(running_agent(agent_settings(), desktop))
-        async with running_controller_on(agent.url, tmp_path / "controller", llm_wait_s=0.2) as (
-            controller,
-            http,
-        ):
+        async with running_controller_on(
+            agent.url, tmp_path / "controller", llm_wait_s=IMPATIENT_WAIT_S
+        ) as (controller, http):
             await agent_exit.aclose()  # the agent stops; the controller runs on
             link = controller.engine.links["desk"]
-            await wait_until(lambda: not link.health()[0], what="the link to notice")
+            await wait_until(lambda: not link.health()[0], poll_s=POLL_S, what="the link to notice")
 
             response = await http.post(
                 "/api/generate", json={"model": SMALL, "prompt": "hi", "stream": False}
@@ -237,6 +243,7 @@ async def test_image_job_accepted_followed_and_its_output_fetched(stack: Stack) 
         assert events.headers["Content-Type"].startswith("application/x-ndjson")
         states = await ndjson_lines(events)
     # The stream ends by itself with the job's final state, and shows the way there.
+    assert states, "the event stream ended without a line"
     assert states[-1]["state"] == "succeeded"
     final = states[-1]["progress"]
     assert final["nodes_done"] == final["nodes_total"] == len(sd15())
@@ -267,7 +274,9 @@ async def test_image_job_accepted_followed_and_its_output_fetched(stack: Stack) 
 async def test_delete_a_held_job_cancels_it(stack: Stack) -> None:
     job = await stack.submit_unplaceable()
     held = await wait_until(
-        lambda: _reason_set(stack, job["id"]), what="the job to be held with a reason"
+        lambda: _reason_set(stack, job["id"]),
+        poll_s=POLL_S,
+        what="the job to be held with a reason",
     )
     assert held["state"] == "held"
     assert held["reason"].startswith("needs ")
@@ -301,11 +310,12 @@ async def _reason_set(stack: Stack, job_id: str) -> dict[str, Any] | None:
 
 
 async def test_delete_a_running_job_cancels_it(stack: Stack) -> None:
-    # 200 SDXL steps: about half a second of real time at speed 100.
-    job = await stack.submit(sdxl(steps=200))
+    # 50 SDXL steps: 12 simulated seconds of sampling, so it is cancelled mid-run.
+    job = await stack.submit(sdxl(steps=50))
     await stack.wait_job(job["id"], "running")
     await wait_until(
         lambda: stack.desktop.comfyui.running_prompt_id() is not None,
+        poll_s=POLL_S,
         what="ComfyUI to run the prompt",
     )
 
@@ -318,6 +328,7 @@ async def test_delete_a_running_job_cancels_it(stack: Stack) -> None:
     assert done["outputs"] == []
     await wait_until(
         lambda: stack.desktop.comfyui.running_prompt_id() is None,
+        poll_s=POLL_S,
         what="ComfyUI to stop the prompt",
     )
     assert stack.desktop.comfyui.stats.interrupted == 1

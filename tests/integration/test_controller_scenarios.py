@@ -1,9 +1,10 @@
 """The controller's scenarios end to end: one ledger across Ollama and ComfyUI on one 12 GB card.
 
 Everything goes through real sockets: the controller's HTTP API, the agent's API and event
-stream, the emulated Ollama and ComfyUI on the simulated desktop (speed 100). Each scenario
-checks what the desktop itself saw (no out-of-memory, no CPU spill), not only what the
-controller says.
+stream, the emulated Ollama and ComfyUI on the simulated desktop, all on the virtual-time loop
+at realistic speed (a cold qwen2.5:14b load takes 5.5 simulated seconds, an SDXL step 0.24 s).
+Each scenario checks what the desktop itself saw (no out-of-memory, no CPU spill), not only what
+the controller says.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from typing import Any
 import pytest
 
 from gpu_agent.sim.desktop import SimDesktop
-from tests.integration.stack import Stack, drain, running_stack, sd15, sdxl
+from tests.integration.stack import POLL_S, Stack, drain, running_stack, sd15, sdxl
 from tests.waiting import wait_until
 
 BIG = "qwen2.5:14b"
 SMALL = "llama3.2:3b"
 MID = "qwen2.5:7b"
-# Sim speed for a scenario that must watch a generation while it streams.
-SLOW_SPEED = 20.0
+# Deadlines in simulated seconds, sized to the work they wait for (see hardware-figures.md).
+# A 14b generation of a few hundred tokens at 45 tokens/s, its load included.
+GENERATION_TIMEOUT_S = 60.0
+# Several models loaded and unloaded in turn, and SDXL and SD1.5 images between them: about
+# 35 simulated seconds of work.
+BURST_TIMEOUT_S = 120.0
 
 
 @pytest.fixture
@@ -77,9 +82,10 @@ class Stream:
                 if chunk.get("done"):
                     self.runs_at_done = stack.desktop.comfyui.stats.prompts_run
 
-    async def finished(self, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    async def finished(self, timeout_s: float = GENERATION_TIMEOUT_S) -> list[dict[str, Any]]:
         async with asyncio.timeout(timeout_s):
             await self.task
+        assert self.lines, "the stream ended without a line"
         return self.lines
 
 
@@ -100,50 +106,46 @@ async def test_idle_14b_is_unloaded_for_an_sdxl_job(stack: Stack) -> None:
     assert_no_collision(stack)
 
 
-async def test_sdxl_job_waits_for_a_busy_14b_then_runs(tmp_path: Path) -> None:
-    # A slower desktop, so the generation lasts long enough in real time (~0.3 s) to watch the
-    # job held behind it; seed 2 makes this prompt's answer run to ~290 tokens.
-    async with (
-        SimDesktop(speed=SLOW_SPEED, data_dir=tmp_path / "desktop") as desktop,
-        running_stack(desktop, tmp_path / "controller") as stack,
-    ):
-        await load_pinned(stack, BIG)
-        stream = Stream(
-            stack,
-            {
-                "model": BIG,
-                "prompt": "tell a long story",
-                "options": {"num_predict": 2000, "seed": 2},
-            },
-        )
-        try:
-            async with asyncio.timeout(5.0):
-                await stream.started.wait()
-            job = await stack.submit(sdxl(steps=10))
+async def test_sdxl_job_waits_for_a_busy_14b_then_runs(stack: Stack) -> None:
+    # Seed 2 makes this prompt's answer run to ~290 tokens: about 6.5 simulated seconds at 45
+    # tokens/s, long enough to watch the job held behind it.
+    await load_pinned(stack, BIG)
+    stream = Stream(
+        stack,
+        {
+            "model": BIG,
+            "prompt": "tell a long story",
+            "options": {"num_predict": 2000, "seed": 2},
+        },
+    )
+    try:
+        async with asyncio.timeout(GENERATION_TIMEOUT_S):
+            await stream.started.wait()
+        job = await stack.submit(sdxl(steps=10))
 
-            async def held_for_14b() -> dict[str, Any] | None:
-                current = await stack.job(job["id"])
-                return current if f"{BIG} busy" in current["reason"] else None
+        async def held_for_14b() -> dict[str, Any] | None:
+            current = await stack.job(job["id"])
+            return current if f"{BIG} busy" in current["reason"] else None
 
-            held = await wait_until(held_for_14b, what="the job held for the busy 14b")
-            assert held["state"] == "held"
-            fleet = await stack.fleet()
-            reasons = {j["id"]: j["reason"] for j in fleet["held_jobs"]}
-            assert f"{BIG} busy" in reasons[job["id"]]
-            assert not stream.task.done(), "the generation was still streaming"
+        held = await wait_until(held_for_14b, poll_s=POLL_S, what="the job held for the busy 14b")
+        assert held["state"] == "held"
+        fleet = await stack.fleet()
+        reasons = {j["id"]: j["reason"] for j in fleet["held_jobs"]}
+        assert f"{BIG} busy" in reasons[job["id"]]
+        assert not stream.task.done(), "the generation was still streaming"
 
-            lines = await stream.finished()
-        finally:
-            await drain(stream.task)
-        # The generation ran to its natural end; no image ran while it streamed.
-        assert lines[-1]["done"] is True
-        assert lines[-1]["done_reason"] == "stop"
-        assert stream.runs_at_done == 0
+        lines = await stream.finished()
+    finally:
+        await drain(stream.task)
+    # The generation ran to its natural end; no image ran while it streamed.
+    assert lines[-1]["done"] is True
+    assert lines[-1]["done_reason"] == "stop"
+    assert stream.runs_at_done == 0
 
-        done = await stack.wait_job(job["id"])
-        assert done["state"] == "succeeded", done
-        assert stack.desktop.comfyui.stats.prompts_run == 1
-        assert_no_collision(stack)
+    done = await stack.wait_job(job["id"])
+    assert done["state"] == "succeeded", done
+    assert stack.desktop.comfyui.stats.prompts_run == 1
+    assert_no_collision(stack)
 
 
 async def test_llm_after_images_frees_comfyui_first(stack: Stack) -> None:
@@ -183,7 +185,9 @@ async def test_plans_made_while_comfyui_frees_do_not_count_its_cache_twice(stack
             return bool((await stack.fleet())["agents"][0]["pending_bytes"] >= nbytes)
 
         # 7b does not fit beside the SDXL cache: its plan frees ComfyUI, and that hangs.
-        await wait_until(lambda: promised(models[MID]["vram_bytes"]), what="the 7b plan")
+        await wait_until(
+            lambda: promised(models[MID]["vram_bytes"]), poll_s=POLL_S, what="the 7b plan"
+        )
         small = asyncio.create_task(stack.generate(SMALL, options={"num_predict": 16}))
         job = await stack.submit(sdxl(steps=10, seed=2))
 
@@ -191,13 +195,13 @@ async def test_plans_made_while_comfyui_frees_do_not_count_its_cache_twice(stack
             current = await stack.job(job["id"])
             return await promised(both_bytes) and current["reason"] != "waiting for GPU memory"
 
-        await wait_until(decided, what="the 3b load promised and the job decided")
+        await wait_until(decided, poll_s=POLL_S, what="the 3b load promised and the job decided")
         held = await stack.job(job["id"])
         # The job would reuse SDXL's weights, but they are on their way out: it waits.
         assert held["state"] == "held", held
     finally:
         faults.unhang()
-    async with asyncio.timeout(10.0):
+    async with asyncio.timeout(GENERATION_TIMEOUT_S):
         answers = await asyncio.gather(mid, small)
     assert [a.status_code for a in answers] == [200, 200]
     # One free, planned once: the 3b counted on the bytes the 7b's free gives back.
@@ -249,7 +253,7 @@ async def test_models_fleet_and_metrics_show_what_was_learned(stack: Stack) -> N
     assert (await stack.wait_job(job["id"]))["state"] == "succeeded"
 
     models = (await stack.http.get("/v1/models")).json()
-    small = next(m for m in models["models"] if m["name"] == SMALL)
+    (small,) = [m for m in models["models"] if m["name"] == SMALL]
     assert small["measured"] is True
     assert small["samples"] == 2
     assert small["resident_on"] == ["desk"]
@@ -295,8 +299,9 @@ async def test_a_burst_of_mixed_work_shares_the_card_without_collisions(
     """LLM requests for every size and image jobs of both families, all at once: every plan
     that frees ComfyUI's cache or unloads a model is charged in the ledger before the next
     plan is made, so nothing runs out of memory, falls back to low-VRAM or spills."""
-    # Requests queue behind each other here, so they may wait longer than usual for room.
-    async with running_stack(desktop, tmp_path / "controller", llm_wait_s=20.0) as stack:
+    # Requests queue behind each other and behind image jobs here, so they may wait longer
+    # than the stack's usual limit for room.
+    async with running_stack(desktop, tmp_path / "controller", llm_wait_s=BURST_TIMEOUT_S) as stack:
         await burst(stack)
 
 
@@ -312,9 +317,9 @@ async def burst(stack: Stack) -> None:
 
     async def draw(workflow: dict[str, Any]) -> dict[str, Any]:
         job = await stack.submit(workflow)
-        return await stack.wait_job(job["id"], timeout_s=30.0)
+        return await stack.wait_job(job["id"], timeout_s=BURST_TIMEOUT_S)
 
-    async with asyncio.timeout(40.0):
+    async with asyncio.timeout(BURST_TIMEOUT_S):
         served, jobs = await asyncio.gather(
             asyncio.gather(*(ask(n, model) for n, model in enumerate(models))),
             asyncio.gather(*(draw(workflow) for workflow in workflows)),

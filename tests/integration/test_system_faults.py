@@ -4,14 +4,14 @@ failing at a time.
 For each fault the system keeps serving what it can, shows the fault where an operator looks
 (the controller's `/v1/fleet` and `/metrics`, the agent's `/v1/status` and `/metrics`), and
 every accepted image job ends exactly once, in a final state whose reason says what happened.
-Everything runs over real loopback sockets at sim speed 100.
+Everything runs over real loopback sockets on the virtual-time loop, at realistic speed: every
+duration and deadline here is in simulated seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gpu_agent import clock
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
@@ -26,7 +27,9 @@ from gpu_agent.sim.ollama import MIDSTREAM_ERROR
 from tests.integration.stack import (
     AGENT_TOKEN,
     FINAL_STATES,
+    JOB_TIMEOUT_S,
     PNG_SIGNATURE,
+    POLL_S,
     Stack,
     agent_settings,
     free_port,
@@ -40,8 +43,15 @@ from tests.waiting import wait_until
 
 SMALL = "llama3.2:3b"
 AGENT_AUTH = {"Authorization": f"Bearer {AGENT_TOKEN}"}
-# An LLM request that nothing can serve gets its 503 after this long, not the stack's 3 s.
-LLM_WAIT_S = 0.5
+# An LLM request that nothing can serve gets its 503 after this long, not the stack's 30 s.
+LLM_WAIT_S = 5.0
+# The agent's limits on Ollama in the hung and slow Ollama scenarios: one ordinary request, and
+# the first byte of a generation (which may wait for a load; 3b loads in 2 s).
+AGENT_REQUEST_TIMEOUT_S = 10.0
+AGENT_LOAD_TIMEOUT_S = 30.0
+# The controller's limit on a load through the agent: beyond the agent's, so the agent's clear
+# error arrives first.
+CONTROLLER_LOAD_TIMEOUT_S = 60.0
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -99,19 +109,19 @@ async def wait_fleet(stack: Stack, healthy: bool, what: str) -> dict[str, Any]:
         agent = await fleet_agent(stack)
         return agent if agent["healthy"] is healthy else None
 
-    result: dict[str, Any] = await wait_until(reached, what=what)
+    result: dict[str, Any] = await wait_until(reached, poll_s=POLL_S, what=what)
     return result
 
 
 async def wait_all_final(
-    stack: Stack, job_ids: list[str], timeout_s: float = 10.0
+    stack: Stack, job_ids: list[str], timeout_s: float = JOB_TIMEOUT_S
 ) -> dict[str, dict[str, Any]]:
     async def all_final() -> dict[str, dict[str, Any]] | None:
         jobs = {job_id: await stack.job(job_id) for job_id in job_ids}
         return jobs if all(j["state"] in FINAL_STATES for j in jobs.values()) else None
 
     result: dict[str, dict[str, Any]] = await wait_until(
-        all_final, timeout_s=timeout_s, poll_s=0.02, what="every job to end"
+        all_final, timeout_s=timeout_s, poll_s=POLL_S, what="every job to end"
     )
     return result
 
@@ -141,7 +151,9 @@ async def wait_running(stack: Stack, job_id: str) -> dict[str, Any]:
         progress = job.get("progress") or {}
         return job if job["state"] == "running" and progress.get("step") else None
 
-    result: dict[str, Any] = await wait_until(sampling, what=f"job {job_id} sampling")
+    result: dict[str, Any] = await wait_until(
+        sampling, poll_s=POLL_S, what=f"job {job_id} sampling"
+    )
     return result
 
 
@@ -149,7 +161,8 @@ async def wait_running(stack: Stack, job_id: str) -> dict[str, Any]:
 
 
 async def test_comfyui_restart_mid_prompt_ends_every_job_once(stack: Stack) -> None:
-    first = await stack.submit(sdxl(steps=200, seed=1))
+    # 50 SDXL steps: 12 simulated seconds of sampling, so the restart comes mid-prompt.
+    first = await stack.submit(sdxl(steps=50, seed=1))
     second = await stack.submit(sd15(steps=20, seed=2))
     await wait_running(stack, first["id"])
     lost_runs = stack.desktop.comfyui.stats.prompts_run
@@ -174,7 +187,7 @@ async def test_comfyui_restart_mid_prompt_ends_every_job_once(stack: Stack) -> N
 
 
 async def test_job_lost_by_a_comfyui_restart_runs_again_and_succeeds(stack: Stack) -> None:
-    job = await stack.submit(sdxl(steps=200, seed=1))
+    job = await stack.submit(sdxl(steps=50, seed=1))
     await wait_running(stack, job["id"])
     runs_before = stack.desktop.comfyui.stats.prompts_run
 
@@ -193,9 +206,9 @@ async def test_job_lost_by_a_comfyui_restart_runs_again_and_succeeds(stack: Stac
 async def test_dropped_and_silent_comfyui_websocket_still_finishes_jobs(
     desktop: SimDesktop, tmp_path: Path
 ) -> None:
-    # The agent distrusts a websocket quiet for 0.5 s with work outstanding, so the silent
-    # spell is found by polling within the test's time.
-    async with custom_stack(desktop, tmp_path, agent={"stale_after_s": 0.5}) as stack:
+    # The agent distrusts a websocket quiet for `stale_after_s` (5 s) with work outstanding;
+    # 100 SDXL steps (24 simulated seconds) outlast that, so the silent spell is found by polling.
+    async with running_stack(desktop, tmp_path / "controller") as stack:
         first = await stack.submit(sdxl(steps=100, seed=1))
         await wait_running(stack, first["id"])
         await desktop.comfyui.drop_websockets()
@@ -207,17 +220,21 @@ async def test_dropped_and_silent_comfyui_websocket_still_finishes_jobs(
             status = await agent_status(stack.agent.url)
             return bool(status["comfyui"]["connection"] == "polling")
 
-        await wait_until(polling, what="the agent to fall back to polling ComfyUI")
+        await wait_until(polling, poll_s=POLL_S, what="the agent to fall back to polling ComfyUI")
         # The controller hears of it with the agent's next snapshot.
         await wait_until(
-            lambda: fleet_connection(stack, "polling"), what="the fleet to show the polling"
+            lambda: fleet_connection(stack, "polling"),
+            poll_s=POLL_S,
+            what="the fleet to show the polling",
         )
 
         async def metric_shows_polling() -> bool:
             mode = 'gpu_agent_comfyui_connection{mode="polling"}'
             return bool(await agent_metric(stack.agent.url, mode))
 
-        await wait_until(metric_shows_polling, what="the agent's metrics to show the polling")
+        await wait_until(
+            metric_shows_polling, poll_s=POLL_S, what="the agent's metrics to show the polling"
+        )
 
         jobs = await wait_all_final(stack, [first["id"], second["id"], third["id"]])
         await assert_succeeded_once(stack, jobs)
@@ -226,7 +243,9 @@ async def test_dropped_and_silent_comfyui_websocket_still_finishes_jobs(
 
         desktop.comfyui.faults.websocket_silent = False
         await wait_until(
-            lambda: fleet_connection(stack, "websocket"), what="the websocket trusted again"
+            lambda: fleet_connection(stack, "websocket"),
+            poll_s=POLL_S,
+            what="the websocket trusted again",
         )
 
 
@@ -237,28 +256,39 @@ async def fleet_connection(stack: Stack, mode: str) -> bool:
 # -- 3. Ollama slow, hung, failing mid-stream, down ------------------------------------------------
 
 
+def assert_within_the_agents_limits(elapsed_s: float) -> None:
+    """The 503 came when one of the agent's limits on Ollama ran out: after its shortest, and
+    before the controller's own limit (so the agent's clear error was the one that reached the
+    caller)."""
+    assert AGENT_REQUEST_TIMEOUT_S <= elapsed_s <= AGENT_LOAD_TIMEOUT_S + 1.0, elapsed_s
+
+
 async def test_hung_ollama_fails_llm_requests_in_time_while_images_run(
     desktop: SimDesktop, tmp_path: Path
 ) -> None:
     async with custom_stack(
         desktop,
         tmp_path,
-        agent={"request_timeout_s": 0.3, "load_timeout_s": 0.6},
+        agent={
+            "request_timeout_s": AGENT_REQUEST_TIMEOUT_S,
+            "load_timeout_s": AGENT_LOAD_TIMEOUT_S,
+        },
         llm_wait_s=LLM_WAIT_S,
-        load_timeout_s=2.0,
+        load_timeout_s=CONTROLLER_LOAD_TIMEOUT_S,
     ) as stack:
         desktop.ollama.faults.hang()
         try:
             job = await stack.submit(sd15(steps=20))
-            started = time.monotonic()
+            started = clock.monotonic_s()
             response = await stack.generate(SMALL, options={"num_predict": 8})
-            elapsed_s = time.monotonic() - started
+            elapsed_s = clock.monotonic_s() - started
             assert response.status_code == 503, response.text
             error = response.json()["error"]
             assert error["code"] == "agent_unavailable"
             assert "Ollama did not answer" in error["message"], error
             assert "in time" in error["message"], error
-            assert elapsed_s < 1.5
+            # The agent's limit answered it, well before the controller's own.
+            assert_within_the_agents_limits(elapsed_s)
             done = await stack.wait_job(job["id"])
             assert done["state"] == "succeeded", done
 
@@ -266,12 +296,14 @@ async def test_hung_ollama_fails_llm_requests_in_time_while_images_run(
                 status = await agent_status(stack.agent.url)
                 return not status["ollama"]["reachable"]
 
-            await wait_until(ollama_down, what="the agent to see Ollama hung")
+            await wait_until(ollama_down, poll_s=POLL_S, what="the agent to see Ollama hung")
             assert await agent_metric(stack.agent.url, "gpu_agent_ollama_up") == 0
         finally:
             desktop.ollama.faults.unhang()
         await wait_until(
-            lambda: ollama_reachable(stack, True), what="Ollama back in the controller's view"
+            lambda: ollama_reachable(stack, True),
+            poll_s=POLL_S,
+            what="Ollama back in the controller's view",
         )
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 200, response.text
@@ -279,12 +311,12 @@ async def test_hung_ollama_fails_llm_requests_in_time_while_images_run(
         # Hung with the model resident: the generation itself gets no answer.
         desktop.ollama.faults.hang()
         try:
-            started = time.monotonic()
+            started = clock.monotonic_s()
             response = await stack.generate(SMALL, options={"num_predict": 8})
-            elapsed_s = time.monotonic() - started
+            elapsed_s = clock.monotonic_s() - started
             assert response.status_code == 503, response.text
             assert "Ollama" in response.json()["error"]["message"]
-            assert elapsed_s < 1.5
+            assert_within_the_agents_limits(elapsed_s)
         finally:
             desktop.ollama.faults.unhang()
         assert stack.engine.llm.in_flight == 0
@@ -296,24 +328,30 @@ async def test_slow_ollama_beyond_the_limits_gives_a_clear_error(
     async with custom_stack(
         desktop,
         tmp_path,
-        agent={"request_timeout_s": 0.3, "load_timeout_s": 0.6},
+        agent={
+            "request_timeout_s": AGENT_REQUEST_TIMEOUT_S,
+            "load_timeout_s": AGENT_LOAD_TIMEOUT_S,
+        },
         llm_wait_s=LLM_WAIT_S,
-        load_timeout_s=2.0,
+        load_timeout_s=CONTROLLER_LOAD_TIMEOUT_S,
     ) as stack:
-        desktop.ollama.faults.response_delay_real_s = 1.0
+        # Every answer from Ollama comes after twice the agent's longest limit.
+        desktop.ollama.faults.response_delay_s = 2 * AGENT_LOAD_TIMEOUT_S
         try:
             job = await stack.submit(sd15(steps=20))
-            started = time.monotonic()
+            started = clock.monotonic_s()
             response = await stack.generate(SMALL, options={"num_predict": 8})
-            elapsed_s = time.monotonic() - started
+            elapsed_s = clock.monotonic_s() - started
             assert response.status_code == 503, response.text
             assert "Ollama did not answer" in response.json()["error"]["message"]
-            assert elapsed_s < 1.5
+            assert_within_the_agents_limits(elapsed_s)
             assert (await stack.wait_job(job["id"]))["state"] == "succeeded"
         finally:
             desktop.ollama.faults.clear()
         await wait_until(
-            lambda: ollama_reachable(stack, True), what="Ollama back in the controller's view"
+            lambda: ollama_reachable(stack, True),
+            poll_s=POLL_S,
+            what="Ollama back in the controller's view",
         )
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 200, response.text
@@ -332,7 +370,9 @@ async def test_ollama_failing_mid_stream_reaches_the_client_as_its_error_line(
     # The request is over for the controller and the agent alike.
     assert stack.engine.llm.in_flight == 0
     await wait_until(
-        lambda: stack.agent.service.in_flight == {}, what="the agent to count it as ended"
+        lambda: stack.agent.service.in_flight == {},
+        poll_s=POLL_S,
+        what="the agent to count it as ended",
     )
     assert await controller_metric(stack, "gpu_controller_llm_requests_in_flight") == 0
     stack.desktop.ollama.faults.clear()
@@ -345,7 +385,9 @@ async def test_ollama_down_shows_in_the_fleet_and_images_still_run(stack: Stack)
     await stack.desktop.stop_ollama()
     try:
         agent = await wait_until(
-            lambda: ollama_reachable(stack, False), what="the fleet to show Ollama down"
+            lambda: ollama_reachable(stack, False),
+            poll_s=POLL_S,
+            what="the fleet to show Ollama down",
         )
         assert agent["healthy"] is True, "images can still run there"
         assert "Ollama" in (agent["reason"] or ""), agent
@@ -361,7 +403,9 @@ async def test_ollama_down_shows_in_the_fleet_and_images_still_run(stack: Stack)
         assert done["state"] == "succeeded", done
     finally:
         await stack.desktop.start_ollama()
-    agent = await wait_until(lambda: ollama_reachable(stack, True), what="Ollama back")
+    agent = await wait_until(
+        lambda: ollama_reachable(stack, True), poll_s=POLL_S, what="Ollama back"
+    )
     assert agent["reason"] is None
     assert await controller_metric(stack, 'gpu_controller_agent_ollama_up{agent="desk"}') == 1
     response = await stack.generate(SMALL, options={"num_predict": 8})
@@ -400,7 +444,9 @@ async def test_no_new_work_on_an_agent_whose_memory_cannot_be_seen(stack: Stack)
             current = await stack.job(job["id"])
             return current if "telemetry degraded" in current["reason"] else None
 
-        held = await wait_until(held_with_reason, what="the job held for the telemetry")
+        held = await wait_until(
+            held_with_reason, poll_s=POLL_S, what="the job held for the telemetry"
+        )
         assert held["state"] == "held"
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 503, response.text
@@ -505,14 +551,18 @@ async def test_link_cut_holds_new_work_and_resumes_without_loss(
             current = await stack.job(held["id"])
             return current if "unreachable" in current["reason"] else None
 
-        waiting = await wait_until(waiting_for_agent, what="the new job held for the agent")
+        waiting = await wait_until(
+            waiting_for_agent, poll_s=POLL_S, what="the new job held for the agent"
+        )
         assert waiting["state"] == "held"
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 503
         assert "unreachable" in response.json()["error"]["message"]
         # The desktop finishes what it had meanwhile; the controller cannot know yet.
         await wait_until(
-            lambda: desktop.comfyui.stats.succeeded == 1, what="the running prompt to finish"
+            lambda: desktop.comfyui.stats.succeeded == 1,
+            poll_s=POLL_S,
+            what="the running prompt to finish",
         )
         assert (await stack.job(out["id"]))["state"] == "running"
         assert desktop.comfyui.stats.prompts_run == 1

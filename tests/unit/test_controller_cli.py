@@ -331,11 +331,13 @@ async def test_second_signal_forces_exit() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.real_time
 async def test_run_serves_until_sigterm(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The real service in a child process: it says where it listens, answers `status`, and
-    exits 0 on SIGTERM."""
+    exits 0 on SIGTERM. On real time: a virtual clock would jump past the timeouts below while
+    the child starts."""
     child_env = {
         key: value
         for key, value in os.environ.items()

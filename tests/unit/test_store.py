@@ -227,7 +227,8 @@ def test_update_refuses_bad_values_before_writing(store: JobStore) -> None:
     assert record.updated_at == T0
 
 
-def test_unfinished_is_oldest_first_with_job_id_breaking_ties(store: JobStore) -> None:
+def test_unfinished_is_oldest_first_with_creation_order_breaking_ties(store: JobStore) -> None:
+    # On virtual time many jobs share one timestamp; they resume in the order they came in.
     late = store.create(workflow={}, now=at(30)).job_id
     tied = [store.create(workflow={}, now=at(10)).job_id for _ in range(4)]
     early = store.create(workflow={}, now=at(5)).job_id
@@ -238,7 +239,7 @@ def test_unfinished_is_oldest_first_with_job_id_breaking_ties(store: JobStore) -
     store.update(running, state="running", now=at(22))
 
     ids = [record.job_id for record in store.unfinished()]
-    assert ids == [early, *sorted(tied), running, late]
+    assert ids == [early, *tied, running, late]
 
 
 def test_list_filters_by_state_newest_first_and_limits(store: JobStore) -> None:
@@ -252,6 +253,14 @@ def test_list_filters_by_state_newest_first_and_limits(store: JobStore) -> None:
     assert [r.job_id for r in store.list(states=["held", "failed"], limit=3)] == ids[4:1:-1]
     assert store.list(states=()) == []
     assert store.list(limit=0) == []
+
+
+def test_list_puts_the_latest_created_first_among_ties(store: JobStore) -> None:
+    tied = [store.create(workflow={}, now=at(10)).job_id for _ in range(4)]
+    later = store.create(workflow={}, now=at(11)).job_id
+
+    assert [r.job_id for r in store.list()] == [later, *reversed(tied)]
+    assert [r.job_id for r in store.list(states=["held"], limit=3)] == [later, tied[3], tied[2]]
 
 
 def test_counts_cover_every_state(store: JobStore) -> None:
@@ -304,7 +313,8 @@ def test_reopening_the_file_finds_everything(tmp_path: Path) -> None:
     try:
         assert second.get(held.job_id) == held
         assert second.get(running.job_id) == running_now
-        assert [r.job_id for r in second.unfinished()] == sorted([held.job_id, running.job_id])
+        # Both created at T0: in the order they were created.
+        assert [r.job_id for r in second.unfinished()] == [held.job_id, running.job_id]
         assert second.get_learned("llm_footprints") == {"qwen2.5:14b@8192": 10_400_000_000}
     finally:
         second.close()
