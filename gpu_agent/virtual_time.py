@@ -29,11 +29,14 @@ because neither knows about executor threads.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
+import fcntl
 import selectors
 import socket
 import struct
+import termios
 import threading
 from asyncio import selector_events
 from collections.abc import Callable, Collection, Coroutine
@@ -59,6 +62,8 @@ _BYTES_RETRANS_AT = 208
 _TCP_INFO_BYTES = 216
 # The longest real wait for written data to reach its peer before the loop polls anyway.
 LANDING_LIMIT_S = 2.0
+# Data held back by flow control counts as settled once nothing has moved for this long.
+HELD_STILL_S = 0.02
 # While loopback data is still in the kernel between two of our sockets, one real wait.
 IN_FLIGHT_POLL_S = 0.0002
 # How long the loop waits for an executor result before it concludes the job waits on the loop.
@@ -75,6 +80,7 @@ class _JumpingSelector(selectors.DefaultSelector):
         self._ends: dict[int, tuple[Any, Any] | None] = {}
         self._fd_by_ends: dict[tuple[Any, Any], int] = {}
         self._nap = threading.Event()  # never set: a real pause that reads no clock
+        self._moving = 0
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         settled = self.loop is None or self.loop._settle_executor_jobs()
@@ -106,32 +112,49 @@ class _JumpingSelector(selectors.DefaultSelector):
         peers' receive queues, then forget them.
 
         A poll then sees exactly the data written before it, however the kernel split and timed
-        the transfer, so each run of the loop reads the same bytes at the same point."""
+        the transfer, so each run of the loop reads the same bytes at the same point. Data held
+        back by flow control (the reader has not read what it has) waits for the reader; the
+        loop goes on once the kernel has moved all it will."""
         deadline_s = LANDING_LIMIT_S
-        while deadline_s > 0 and self._in_flight(written_fds):
+        previous: tuple[int, ...] | None = None
+        still_s = 0.0
+        while deadline_s > 0:
+            state = self._transfer_state(written_fds)
+            if state is None:
+                break  # landed
+            still_s = still_s + IN_FLIGHT_POLL_S if state == previous else 0.0
+            if still_s >= HELD_STILL_S:
+                break  # held back by flow control, and the kernel has moved all it will
+            previous = state
             self._nap.wait(IN_FLIGHT_POLL_S)
             deadline_s -= IN_FLIGHT_POLL_S
         written_fds.clear()
 
-    def _in_flight(self, fds: Collection[int]) -> bool:
-        """Whether loopback data sent from one of `fds` is not yet in its peer's receive queue:
-        held unsent by the sender's kernel (TCP small queues defer part of a large write), or
-        sent but not yet received (the kernel's softirq has not run yet; under load it runs
-        later). Peers outside this loop are not checked."""
+    def _transfer_state(self, fds: Collection[int]) -> tuple[int, ...] | None:
+        """None when nothing sent from `fds` is on its way to a peer of this loop; else the
+        senders' counters, to tell a transfer that moves from one held back by flow control.
+
+        On its way: sent but not yet received (the kernel delivers loopback data in a softirq
+        that, under load, runs later), or held unsent while the reader has nothing yet (TCP
+        small queues defer part of a large write). Always moving: a state that can change by
+        itself is returned with a fresh marker, so the caller waits."""
         registered = self.get_map()
+        held: list[int] = []
         for fd in fds:
             counters = self._counters(fd)
             if counters is None:
                 continue
-            if counters.unsent:
-                return True
             peer_fd = self._fd_by_ends.get((counters.remote, counters.local))
             if peer_fd is None or peer_fd not in registered:
                 continue
             peer = self._counters(peer_fd)
-            if peer is not None and counters.sent > peer.received:
-                return True
-        return False
+            moving = peer is not None and counters.sent > peer.received
+            if moving or (counters.unsent and _unread_bytes(peer_fd) == 0):
+                self._moving += 1
+                return (-self._moving,)  # never equal to the last look: wait again
+            if counters.unsent:
+                held += (fd, counters.sent, counters.unsent, _unread_bytes(peer_fd))
+        return tuple(held) if held else None
 
     def _counters(self, fd: int) -> _TcpCounters | None:
         if fd not in self._ends:
@@ -167,6 +190,16 @@ class _TcpCounters:
     sent: int
     received: int
     unsent: int
+
+
+def _unread_bytes(fd: int) -> int:
+    """Bytes in a socket's receive queue (FIONREAD)."""
+    buffer = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buffer, True)
+    except OSError:
+        return 0
+    return buffer[0]
 
 
 def _socket_ends(fd: int) -> tuple[Any, Any] | None:
