@@ -222,9 +222,8 @@ async def run(console: Console, out_dir: Path) -> Path:
                 desktop,
                 out_dir / "controller",
                 token=TOKEN,
-                sample_interval_s=0.1,
-                tick_interval_s=0.1,
-                llm_wait_s=120.0,
+                # Production intervals; a quality request may wait out a burst of images.
+                llm_wait_s=300.0,
             ) as stack,
             StudioClient(stack.controller.url, token=TOKEN, timeout_s=600) as client,
         ):
@@ -241,7 +240,7 @@ async def run(console: Console, out_dir: Path) -> Path:
                 while not replay.done():
                     live.update(_live_view(tally, total_llm, len(arrivals) - total_llm,
                                            desktop.clock.now() - t0))  # fmt: skip
-                    await asyncio.wait({replay}, timeout=0.25)
+                    await asyncio.wait({replay}, timeout=1.0)  # a simulated second
                 live.update(_live_view(tally, total_llm, len(arrivals) - total_llm,
                                        desktop.clock.now() - t0))  # fmt: skip
             console.print()
