@@ -32,7 +32,7 @@ from gpu_agent import clock
 from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
 from gpu_agent.api import (
     auth_middleware,
-    check_workflow_size,
+    check_workflow,
     error_middleware_for,
     parse_json,
     read_model,
@@ -283,7 +283,7 @@ async def submit_image(request: web.Request) -> web.Response:
     body = await read_model(request, ImageSubmit)
     if not body.workflow:
         raise BadRequest("workflow must have at least one node")
-    check_workflow_size(body.workflow)
+    check_workflow(body.workflow)
     key = image_key(body.workflow)
     if key.width > _MAX_SIDE or key.height > _MAX_SIDE or key.batch > _MAX_BATCH:
         raise BadRequest(

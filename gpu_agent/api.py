@@ -236,12 +236,20 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         raise BadRequest(f"invalid {model.__name__}: {problems}{more}") from exc
 
 
-def check_workflow_size(workflow: dict[str, Any]) -> None:
-    """BadRequest when `workflow` has more than `MAX_WORKFLOW_NODES` nodes."""
+def check_workflow(workflow: dict[str, Any]) -> None:
+    """BadRequest when `workflow` has more than `MAX_WORKFLOW_NODES` nodes, or a node that is
+    not an object (API format: node id -> {"class_type", "inputs"}); ComfyUI itself answers
+    such a node with a 500."""
     if len(workflow) > MAX_WORKFLOW_NODES:
         raise BadRequest(
             f"workflow has {len(workflow)} nodes; at most {MAX_WORKFLOW_NODES} are accepted"
         )
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict):
+            raise BadRequest(
+                f"workflow node {node_id!r} is {type(node).__name__}, not an object with "
+                f"class_type and inputs (ComfyUI's API format)"
+            )
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
@@ -313,7 +321,7 @@ async def ollama_unload(request: web.Request) -> web.Response:
 
 async def submit_prompt(request: web.Request) -> web.Response:
     body = await read_model(request, PromptSubmit)
-    check_workflow_size(body.workflow)
+    check_workflow(body.workflow)
     info = await request.app[SERVICE_KEY].submit_prompt(body.workflow, body.prompt_id)
     return _json(info, status=202)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpu_agent import clock
@@ -33,3 +33,25 @@ async def wait_until(
         if clock.monotonic_s() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(poll_s)
+
+
+FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+async def wait_all_final(
+    job: Callable[[str], Awaitable[dict[str, Any]]],
+    job_ids: list[str],
+    *,
+    timeout_s: float = 120.0,
+    poll_s: float = 0.1,
+) -> dict[str, dict[str, Any]]:
+    """Every job (read with `job(job_id)`) once all of them are in a final state."""
+
+    async def all_final() -> dict[str, dict[str, Any]] | None:
+        jobs = {job_id: await job(job_id) for job_id in job_ids}
+        return jobs if all(j["state"] in FINAL_JOB_STATES for j in jobs.values()) else None
+
+    result: dict[str, dict[str, Any]] = await wait_until(
+        all_final, timeout_s=timeout_s, poll_s=poll_s, what="every job to end"
+    )
+    return result

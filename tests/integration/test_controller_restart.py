@@ -29,11 +29,11 @@ import pytest
 
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.sim.desktop import SimDesktop
+from tests import waiting
 from tests.integration.stack import (
     AGENT_TOKEN,
     AUTH,
     CONTROLLER_TOKEN,
-    FINAL_STATES,
     JOB_TIMEOUT_S,
     PNG_SIGNATURE,
     POLL_S,
@@ -91,14 +91,9 @@ def model_named(models: dict[str, Any], name: str) -> dict[str, Any]:
 async def wait_all_final(
     http: httpx.AsyncClient, job_ids: list[str], timeout_s: float = JOB_TIMEOUT_S
 ) -> dict[str, dict[str, Any]]:
-    async def all_final() -> dict[str, dict[str, Any]] | None:
-        jobs = {job_id: await job_of(http, job_id) for job_id in job_ids}
-        return jobs if all(j["state"] in FINAL_STATES for j in jobs.values()) else None
-
-    result: dict[str, dict[str, Any]] = await wait_until(
-        all_final, timeout_s=timeout_s, poll_s=POLL_S, what="every job to end"
+    return await waiting.wait_all_final(
+        lambda job_id: job_of(http, job_id), job_ids, timeout_s=timeout_s, poll_s=POLL_S
     )
-    return result
 
 
 async def assert_each_succeeded_once(

@@ -308,6 +308,19 @@ async def test_agent_huge_workflow_within_the_size_limit_is_refused_fast(
         assert await agent_state(desktop, agent.url) == before
 
 
+@pytest.mark.parametrize("node", [None, True, 7, "x", ["KSampler"]])
+async def test_a_workflow_node_that_is_not_an_object_is_a_clear_400(
+    agent: RunningAgent, agent_http: httpx.AsyncClient, desktop: SimDesktop, node: object
+) -> None:
+    # ComfyUI answers such a node with a 500; the agent refuses it before ComfyUI sees it.
+    before = await agent_state(desktop, agent.url)
+    response = await agent_http.post("/v1/comfyui/prompts", json={"workflow": {"": node}})
+    error = http_error(response, 400)
+    assert "workflow node ''" in error["message"]
+    assert "not an object" in error["message"]
+    assert await agent_state(desktop, agent.url) == before
+
+
 async def test_agent_path_tricks_never_escape_their_route(
     agent: RunningAgent, agent_http: httpx.AsyncClient, desktop: SimDesktop
 ) -> None:

@@ -24,9 +24,9 @@ from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.ollama import MIDSTREAM_ERROR
+from tests import waiting
 from tests.integration.stack import (
     AGENT_TOKEN,
-    FINAL_STATES,
     JOB_TIMEOUT_S,
     PNG_SIGNATURE,
     POLL_S,
@@ -116,14 +116,7 @@ async def wait_fleet(stack: Stack, healthy: bool, what: str) -> dict[str, Any]:
 async def wait_all_final(
     stack: Stack, job_ids: list[str], timeout_s: float = JOB_TIMEOUT_S
 ) -> dict[str, dict[str, Any]]:
-    async def all_final() -> dict[str, dict[str, Any]] | None:
-        jobs = {job_id: await stack.job(job_id) for job_id in job_ids}
-        return jobs if all(j["state"] in FINAL_STATES for j in jobs.values()) else None
-
-    result: dict[str, dict[str, Any]] = await wait_until(
-        all_final, timeout_s=timeout_s, poll_s=POLL_S, what="every job to end"
-    )
-    return result
+    return await waiting.wait_all_final(stack.job, job_ids, timeout_s=timeout_s, poll_s=POLL_S)
 
 
 async def assert_succeeded_once(stack: Stack, jobs: dict[str, dict[str, Any]]) -> None:
