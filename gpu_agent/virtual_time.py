@@ -60,7 +60,8 @@ _NOTSENT_BYTES_AT = 144
 _BYTES_SENT_AT = 200
 _BYTES_RETRANS_AT = 208
 _TCP_INFO_BYTES = 216
-# The longest real wait for written data to reach its peer before the loop polls anyway.
+# The longest wait for written data to reach its peer before the loop polls anyway, counted in
+# naps of IN_FLIGHT_POLL_S (a loaded machine makes each nap, and so the whole, longer).
 LANDING_LIMIT_S = 2.0
 # Data held back by flow control counts as settled once nothing has moved for this long.
 HELD_STILL_S = 0.02
@@ -165,7 +166,10 @@ class _JumpingSelector(selectors.DefaultSelector):
         ends = self._ends[fd]
         if ends is None:
             return None
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return None  # closed since it wrote
         try:
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
         except OSError:
@@ -204,7 +208,10 @@ def _unread_bytes(fd: int) -> int:
 
 def _socket_ends(fd: int) -> tuple[Any, Any] | None:
     """(local, remote) address of a connected TCP socket; None for anything else."""
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None  # closed since it wrote
     try:
         if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return None
