@@ -75,11 +75,6 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def wall_s() -> float:
-    """`utc_now()` as seconds since the Unix epoch."""
-    return utc_now().timestamp()
-
-
 def perf_s() -> float:
     """Real seconds from an arbitrary origin, for reporting how long a run took on this machine.
 
@@ -97,10 +92,3 @@ def http_keepalive_expiry_s() -> float | None:
     run replays identically. Create clients inside the loop that uses them.
     """
     return None if isinstance(_running_loop(), HasWallEpoch) else HTTP_KEEPALIVE_S
-
-
-async def sleep_until(deadline_s: float) -> None:
-    """Sleep until `monotonic_s()` reaches `deadline_s`; returns at once if it has passed."""
-    remaining = deadline_s - monotonic_s()
-    if remaining > 0:
-        await asyncio.sleep(remaining)
