@@ -9,13 +9,21 @@ busy the machine is.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.virtual_time import VirtualTimeLoop
+
+# In CI, property and fuzz tests draw the same examples every run: a new counterexample should
+# come from a change, not from the draw. Locally they keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_asyncio_loop_factories(
