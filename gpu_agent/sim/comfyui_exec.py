@@ -334,7 +334,11 @@ class PromptWorker:
     async def run(self) -> None:
         """Serve the queue until cancelled (a process kill cancels it mid-prompt)."""
         gc_due_s: float | None = None
+        timed_out = False
         while True:
+            # A wait that timed out means the gc deadline is due, even when the clock reads a
+            # hair short of it: waiting again would spin on an ever smaller timeout.
+            gc_timed_out, timed_out = timed_out, False
             item = self.queue.take()
             if item is not None:
                 outcome = await self._execute(item)
@@ -353,18 +357,14 @@ class PromptWorker:
                 self._apply_flags()
                 gc_due_s = None
                 continue
-            if gc_due_s is not None and self.clock.now() >= gc_due_s:
+            if gc_due_s is not None and (gc_timed_out or self.clock.now() >= gc_due_s):
                 self.memory.empty_cache()
                 gc_due_s = None
                 continue
             timeout_real_s = None
             if gc_due_s is not None:
                 timeout_real_s = self.clock.to_real(gc_due_s - self.clock.now())
-            if await self.queue.wait(timeout_real_s) and gc_due_s is not None:
-                # Due: a clock reading a hair short of the deadline must not wait again, or a
-                # virtual-time loop would spin on an ever smaller timeout.
-                self.memory.empty_cache()
-                gc_due_s = None
+            timed_out = await self.queue.wait(timeout_real_s)
 
     async def _execute(self, item: QueueItem) -> Outcome:
         try:

@@ -506,6 +506,26 @@ async def test_sdxl_alone_fits_and_the_gc_pass_returns_the_cache(tmp_path: Path)
         await d.emu.close()
 
 
+@pytest.mark.parametrize("gc_after_s", [0.3, 7.3])
+async def test_the_gc_pass_runs_on_time_whatever_the_rounding(
+    tmp_path: Path, gc_after_s: float
+) -> None:
+    # These deadlines once woke a hair early on virtual time and waited again, forever.
+    d = await start_desk(tmp_path, ComfyUISimSettings(gc_after_prompt_s=gc_after_s))
+    try:
+        ws = await open_ws(d)
+        queued = await queue_prompt(d, workflow(steps=3), client_id=ws.client_id)
+        await ws.until_done(queued["prompt_id"])
+        finished_at = d.clock.now()
+        await wait_until(lambda: d.emu.cache_bytes() == 0, what="the gc pass")
+        assert d.clock.now() - finished_at == pytest.approx(gc_after_s, abs=0.05)
+        await ws.conn.close()
+    finally:
+        await d.http.aclose()
+        await d.server.stop()
+        await d.emu.close()
+
+
 async def test_free_waits_for_the_running_prompt(desk: Desk) -> None:
     ws = await open_ws(desk)
     queued = await queue_prompt(
