@@ -81,7 +81,6 @@ class _JumpingSelector(selectors.DefaultSelector):
         self._ends: dict[int, tuple[Any, Any] | None] = {}
         self._fd_by_ends: dict[tuple[Any, Any], int] = {}
         self._nap = threading.Event()  # never set: a real pause that reads no clock
-        self._moving = 0
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         settled = self.loop is None or self.loop._settle_executor_jobs()
@@ -123,7 +122,8 @@ class _JumpingSelector(selectors.DefaultSelector):
             state = self._transfer_state(written_fds)
             if state is None:
                 break  # landed
-            still_s = still_s + IN_FLIGHT_POLL_S if state == previous else 0.0
+            still = state != _MOVING and state == previous
+            still_s = still_s + IN_FLIGHT_POLL_S if still else 0.0
             if still_s >= HELD_STILL_S:
                 break  # held back by flow control, and the kernel has moved all it will
             previous = state
@@ -137,8 +137,7 @@ class _JumpingSelector(selectors.DefaultSelector):
 
         On its way: sent but not yet received (the kernel delivers loopback data in a softirq
         that, under load, runs later), or held unsent while the reader has nothing yet (TCP
-        small queues defer part of a large write). Always moving: a state that can change by
-        itself is returned with a fresh marker, so the caller waits."""
+        small queues defer part of a large write). Such a transfer gives `_MOVING`."""
         registered = self.get_map()
         held: list[int] = []
         for fd in fds:
@@ -149,12 +148,13 @@ class _JumpingSelector(selectors.DefaultSelector):
             if peer_fd is None or peer_fd not in registered:
                 continue
             peer = self._counters(peer_fd)
-            moving = peer is not None and counters.sent > peer.received
-            if moving or (counters.unsent and _unread_bytes(peer_fd) == 0):
-                self._moving += 1
-                return (-self._moving,)  # never equal to the last look: wait again
+            if peer is not None and counters.sent > peer.received:
+                return _MOVING
             if counters.unsent:
-                held += (fd, counters.sent, counters.unsent, _unread_bytes(peer_fd))
+                unread = _unread_bytes(peer_fd)
+                if unread == 0:
+                    return _MOVING
+                held += (fd, counters.sent, counters.unsent, unread)
         return tuple(held) if held else None
 
     def _counters(self, fd: int) -> _TcpCounters | None:
@@ -185,6 +185,10 @@ class _JumpingSelector(selectors.DefaultSelector):
         (retransmitted,) = struct.unpack_from("=Q", info, _BYTES_RETRANS_AT)
         sent -= retransmitted
         return _TcpCounters(ends[0], ends[1], sent=sent, received=received, unsent=unsent)
+
+
+# `_transfer_state` of data on its way: never counted as standing still.
+_MOVING: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -240,7 +244,6 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._executor_jobs: list[_ExecutorJob] = []
         # Sockets written to since the last poll (see `_JumpingSelector._await_landing`).
         self.written_fds: set[int] = set()
-        self.jumps = 0
         selector = _JumpingSelector()
         super().__init__(selector)
         selector.loop = self
@@ -261,7 +264,6 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             if abs(head_s - target) < 1e-6:
                 target = head_s
         self._virtual_s = max(self._virtual_s, target)
-        self.jumps += 1
 
     def _make_socket_transport(
         self,
@@ -311,11 +313,6 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             # the next poll would see it and split this iteration in two at a random point.
             getattr(self, "_read_from_self")()  # noqa: B009 - asyncio's own self-pipe reader
         return future
-
-    @property
-    def executor_jobs(self) -> int:
-        """Executor jobs whose results are not yet back on the loop."""
-        return sum(not job.delivered.is_set() for job in self._executor_jobs)
 
     def _settle_executor_jobs(self) -> bool:
         """Forget delivered executor jobs; True when none is left outstanding.
