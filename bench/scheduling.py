@@ -112,7 +112,6 @@ class Outcome:
     first_arrival_s: float = 0.0
     last_done_s: float = 0.0
     quality_models: dict[str, int] = field(default_factory=dict)
-    models_chosen: dict[str, int] = field(default_factory=dict)
     oom: int = 0
     spilled: int = 0
 
@@ -144,8 +143,6 @@ class Replay:
                 if ok:
                     self.outcome.llm_latency_s.append(self.now() - arrival.at_s)
                     self.outcome.eval_counts[index] = evals
-                    chosen = self.outcome.models_chosen
-                    chosen[model] = chosen.get(model, 0) + 1
                     if arrival.intent == "auto:quality":
                         quality = self.outcome.quality_models
                         quality[model] = quality.get(model, 0) + 1

@@ -25,7 +25,6 @@ from gpu_agent.sim.workflows import SDXL, text_to_image
 from gpu_agent.status_view import render_status
 from gpu_agent.virtual_time import run_virtual
 
-SPEED = 1.0
 GIB = 1024**3
 POLL_S = 0.05
 JOB_TIMEOUT_S = 30.0
@@ -52,7 +51,7 @@ async def status(agent: httpx.AsyncClient, console: Console) -> None:
 
 
 async def run(console: Console, out_dir: Path) -> None:
-    desktop = SimDesktop(speed=SPEED, data_dir=out_dir)
+    desktop = SimDesktop(data_dir=out_dir)
     await desktop.start()
     settings = AgentSettings(port=0, simulate=True, sample_interval_s=0.1, token="demo-token")
     try:

@@ -7,6 +7,7 @@ between. Times are simulated seconds from the start.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,16 +138,8 @@ def studio_day(*, seed: int = 7, busy_hours: int = 3) -> list[Arrival]:
             sdxl_per_burst=4,
             sd15_jobs=4,
         )
-        arrivals.extend(_shifted(a, offset_s) for a in burst)
+        arrivals.extend(dataclasses.replace(a, at_s=round(a.at_s + offset_s, 3)) for a in burst)
     return sorted(arrivals, key=lambda a: (a.at_s, type(a).__name__))
-
-
-def _shifted(arrival: Arrival, offset_s: float) -> Arrival:
-    if isinstance(arrival, LlmArrival):
-        return LlmArrival(round(arrival.at_s + offset_s, 3), arrival.intent, arrival.prompt,
-                          arrival.output_tokens)  # fmt: skip
-    return ImageArrival(round(arrival.at_s + offset_s, 3), arrival.family, arrival.steps,
-                        arrival.seed)  # fmt: skip
 
 
 def fleet_hour(*, seed: int = 7, desktops: int = 4) -> list[Arrival]:
