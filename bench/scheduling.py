@@ -55,7 +55,7 @@ from gpu_agent.sim.workload import (
     percentile,
     studio_day,
 )
-from gpu_agent.virtual_time import run_virtual
+from gpu_common.virtual_time import run_virtual
 
 POLL_SIM_S = 0.5
 BASELINE_MODEL = {"auto:fast": "llama3.2:3b", "auto:quality": "qwen2.5:14b"}

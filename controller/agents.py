@@ -3,7 +3,7 @@
 An `AgentLink` follows the agent's `/v1/events` websocket stream and keeps its latest
 `AgentStatus`, reconnecting with exponential backoff and jitter after any drop, and it calls the
 agent's REST endpoints. Every answer is validated with the agent's own wire models
-(`gpu_agent.schema`).
+(`gpu_common.schema`).
 
 Failures reach callers as the controller's error tree, converted in one place (the "errors"
 section below):
@@ -39,8 +39,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from controller.errors import AgentRejected, AgentUnavailable
-from gpu_agent import clock
-from gpu_agent.schema import (
+from gpu_common import clock
+from gpu_common.schema import (
     AgentEvent,
     AgentStatus,
     FreeRequest,

@@ -4,8 +4,8 @@ Existing Ollama clients work unchanged against `/api/*`: the controller picks th
 model (for `auto`, `auto:fast`, `auto:quality`), makes room, and streams the agent's answer through
 chunk by chunk. Response headers name the choice (`X-GPU-Model`, `X-GPU-Agent`, `X-GPU-Reason`).
 When nothing can serve within limits: 503 with `Retry-After` and the reason. Host and Origin
-are checked on every request (`gpu_agent.allowed_hosts`); `/openapi.json` describes every route
-(`gpu_agent.openapi`) and, like `/healthz`, needs no token.
+are checked on every request (`gpu_common.hosts`); `/openapi.json` describes every route
+(`gpu_common.openapi`) and, like `/healthz`, needs no token.
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest
 from controller.domain.workflows import image_key
 from controller.engine import Engine
-from controller.errors import AgentError, BadRequest, ControllerError, NoCapacity, NotFound
+from controller.errors import AgentError
 from controller.metrics import make_registry, render
 from controller.schema import FleetInfo, ImageJobInfo, ImageSubmit, ModelsInfo
-from gpu_agent import clock
-from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
-from gpu_agent.api import (
+from gpu_common import clock
+from gpu_common.errors import BadRequest, NotFound
+from gpu_common.hosts import HostPolicy, host_check_middleware
+from gpu_common.http import (
     auth_middleware,
     check_workflow,
-    error_middleware_for,
+    error_middleware,
     parse_json,
     read_model,
 )
-from gpu_agent.errors import GpuAgentError
-from gpu_agent.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
+from gpu_common.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,6 @@ _MAX_TOKENS = 1 << 20
 # more, and the job store keeps these as 64-bit integers.
 _MAX_SIDE = 16384
 _MAX_BATCH = 4096
-
-
-def _retry_after(exc: Exception) -> dict[str, str]:
-    if isinstance(exc, NoCapacity):
-        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    return {}
-
-
-error_middleware = error_middleware_for(
-    (ControllerError, GpuAgentError), "controller", headers=_retry_after
-)
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
@@ -365,7 +354,11 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     policy = HostPolicy(settings.allowed_hosts, bind_host=settings.host)
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[error_middleware, host_check_middleware(policy), auth_middleware(token)],
+        middlewares=[
+            error_middleware("controller"),
+            host_check_middleware(policy),
+            auth_middleware(token),
+        ],
     )
     app[ENGINE_KEY] = engine
     app[REGISTRY_KEY] = make_registry(engine)

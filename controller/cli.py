@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Protocol
 
 from controller import __version__
-from controller.errors import ConfigError, ControllerError
 from controller.settings import (
     DEFAULT_PORT,
     ENV_PREFIX,
@@ -28,7 +27,8 @@ from controller.settings import (
     agent_name_from_url,
     load_settings,
 )
-from gpu_agent.layered_settings import read_token_file
+from gpu_common.errors import ConfigError, ServiceError
+from gpu_common.layered_settings import read_token_file
 
 log = logging.getLogger("controller")
 
@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report("gpu-controller: bad configuration", exc)
         return EXIT_BAD_CONFIG
-    except (ControllerError, OSError) as exc:
+    except (ServiceError, OSError) as exc:
         _report("gpu-controller", exc)
         return 1
     return 0
@@ -204,7 +204,7 @@ def _status(args: argparse.Namespace) -> int:
         token = os.environ.get(TOKEN_ENV, "").strip() or None
     try:
         fleet = fetch_fleet(args.url, token=token, timeout_s=args.timeout)
-    except ControllerError as exc:
+    except ServiceError as exc:
         _report("gpu-controller status", exc)
         return 1
     if args.json:

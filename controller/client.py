@@ -41,7 +41,7 @@ import pydantic
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from controller.schema import FleetInfo, ImageJobInfo, ModelsInfo
-from gpu_agent import clock
+from gpu_common import clock
 
 log = logging.getLogger(__name__)
 

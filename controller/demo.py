@@ -21,11 +21,11 @@ from rich.table import Table
 
 from controller.client import StudioClient, StudioError
 from controller.simulated import simulated_stack
-from gpu_agent import clock
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, busy_hour, percentile
-from gpu_agent.virtual_time import run_virtual
+from gpu_common import clock
+from gpu_common.virtual_time import run_virtual
 
 TOKEN = "demo-token"
 GIB = 1024**3

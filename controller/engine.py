@@ -23,8 +23,8 @@ from controller.pulse import Pulse
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo, ModelInfo, ModelsInfo
 from controller.settings import ControllerSettings
 from controller.store import AsyncJobStore
-from gpu_agent import clock as clock_mod
-from gpu_agent.schema import AgentEvent, AgentStatus, AvailableModelInfo
+from gpu_common import clock as clock_mod
+from gpu_common.schema import AgentEvent, AgentStatus, AvailableModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -1,64 +1,28 @@
-"""The controller's one error tree. Catch at the depth you care about.
+"""The controller's own errors, on the shared base in `gpu_common.errors`.
 
-    ControllerError
-    ├── ConfigError             bad settings; the CLI exits with EXIT_BAD_CONFIG
-    ├── RequestError            the caller's request cannot be served as asked (4xx)
-    │   ├── BadRequest          malformed or invalid input
-    │   ├── Unauthorized        missing or wrong bearer token
-    │   ├── NotFound            no such route, job, model or output
-    │   ├── Conflict            the state forbids it now
-    │   └── PayloadTooLarge     the body exceeds the configured limit
-    ├── NoCapacity              nothing can serve it within limits now (503 + Retry-After)
-    ├── StoreError              the job store failed
-    └── AgentError              talking to an agent failed
-        ├── AgentUnavailable    connection refused, timed out, or a 5xx
-        └── AgentRejected       the agent answered 4xx; carries its code and message
+    ServiceError (gpu_common.errors)   ConfigError and the 4xx RequestError family
+    └── ControllerError
+        ├── NoCapacity              nothing can serve it within limits now (503 + Retry-After)
+        ├── StoreError              the job store failed
+        └── AgentError              talking to an agent failed
+            ├── AgentUnavailable    connection refused, timed out, or a 5xx
+            └── AgentRejected       the agent answered 4xx; carries its code and message
 
 Each class carries the `code` and HTTP status the controller's API answers with.
 """
 
 from __future__ import annotations
 
+import math
 
-class ControllerError(Exception):
+from gpu_common.errors import ServiceError
+
+
+class ControllerError(ServiceError):
     """Base of every error the controller raises on purpose."""
 
     code = "internal"
     http_status = 500
-
-
-class ConfigError(ControllerError):
-    """The settings are invalid; the message names the field."""
-
-
-class RequestError(ControllerError):
-    code = "bad_request"
-    http_status = 400
-
-
-class BadRequest(RequestError):
-    code = "bad_request"
-    http_status = 400
-
-
-class Unauthorized(RequestError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class NotFound(RequestError):
-    code = "not_found"
-    http_status = 404
-
-
-class Conflict(RequestError):
-    code = "conflict"
-    http_status = 409
-
-
-class PayloadTooLarge(RequestError):
-    code = "payload_too_large"
-    http_status = 413
 
 
 class NoCapacity(ControllerError):
@@ -71,8 +35,13 @@ class NoCapacity(ControllerError):
         super().__init__(reason)
         self.retry_after_s = retry_after_s
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
 
 class StoreError(ControllerError):
+    """The job store failed."""
+
     code = "store_error"
     http_status = 500
 
@@ -89,6 +58,8 @@ class AgentError(ControllerError):
 
 
 class AgentUnavailable(AgentError):
+    """The agent could not be reached in time, or answered 5xx."""
+
     code = "agent_unavailable"
     http_status = 503
 

@@ -26,12 +26,13 @@ from controller.domain.admission import Admit, plan_images
 from controller.domain.footprints import ImageKey
 from controller.domain.types import ImageJob, RunningImage
 from controller.domain.workflows import image_key
-from controller.errors import AgentError, AgentRejected, BadRequest, Conflict, NotFound
+from controller.errors import AgentError, AgentRejected
 from controller.pulse import Pulse
 from controller.schema import ImageJobInfo, ProgressInfo
 from controller.store import UNSET, JobRecord, JobState, Unset
 from gpu_agent.comfyui_state import FINAL_STATES, OOM_REASON
-from gpu_agent.schema import PromptInfo
+from gpu_common.errors import BadRequest, Conflict, NotFound
+from gpu_common.schema import PromptInfo
 
 if TYPE_CHECKING:
     from controller.engine import Engine

@@ -26,7 +26,7 @@ from controller.domain.footprints import (
 )
 from controller.domain.types import ModelProfile
 from controller.store import AsyncJobStore
-from gpu_agent.schema import AvailableModelInfo
+from gpu_common.schema import AvailableModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from controller.domain.types import AgentState, ResidentModel, RunningImage
-from gpu_agent.schema import AgentStatus
+from gpu_common.schema import AgentStatus
 
 # Until ComfyUI's floor (its CUDA context) has been observed, assume this much.
 DEFAULT_COMFY_FLOOR_BYTES = 400 * 1024**2

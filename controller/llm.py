@@ -19,7 +19,8 @@ from controller.agents import AgentLink
 from controller.domain.catalog import DEFAULT_NUM_CTX
 from controller.domain.selection import Choice, select
 from controller.domain.types import LlmRequest
-from controller.errors import AgentRejected, NoCapacity, NotFound
+from controller.errors import AgentRejected, NoCapacity
+from gpu_common.errors import NotFound
 
 if TYPE_CHECKING:
     from controller.engine import Engine

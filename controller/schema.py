@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gpu_agent.schema import GpuInfo, ResidentModelInfo, WireModel
+from gpu_common.schema import GpuInfo, ResidentModelInfo, WireModel
 
 JobStateName = Literal["held", "dispatched", "running", "succeeded", "failed", "cancelled"]
 

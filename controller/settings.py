@@ -9,7 +9,7 @@ stops a crash loop.
 Precedence, highest first: flags (`load_settings(**overrides)`), environment
 (`GPU_CONTROLLER_*`; `GPU_CONTROLLER_AGENTS` and `GPU_CONTROLLER_QUALITY` as JSON), the TOML file
 (agents as an array of tables, `[[agents]]`), defaults. Loading is shared with the agent
-(`gpu_agent.layered_settings`).
+(`gpu_common.layered_settings`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controller.domain.types import PolicyConfig
-from controller.errors import ConfigError
-from gpu_agent.allowed_hosts import check_allowed_host_entry
-from gpu_agent.layered_settings import (
+from gpu_common.errors import ConfigError
+from gpu_common.hosts import check_allowed_host_entry
+from gpu_common.layered_settings import (
     check_base_url,
     load_layered,
     open_host_problem,

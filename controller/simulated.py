@@ -1,6 +1,6 @@
 """The whole system on a simulated desktop, in one process: agent and controller on loopback.
 
-Used by the demo and the benchmarks. Run it on a `gpu_agent.virtual_time.VirtualTimeLoop`: the
+Used by the demo and the benchmarks. Run it on a `gpu_common.virtual_time.VirtualTimeLoop`: the
 desktop, the agent and the controller then share one virtual clock, so every policy time
 (minimum residency, longest hold, image yield) keeps its meaning in simulated seconds and every
 figure is the same however busy the machine is.

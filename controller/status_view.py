@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from controller.errors import ControllerError, Unauthorized
+from controller.errors import ControllerError
 from controller.schema import AgentInfo, FleetInfo, JobStateName
+from gpu_common.errors import Unauthorized
 
 GIB = 1024**3
 # Error bodies are quoted into messages; a misbehaving server must not flood the terminal.

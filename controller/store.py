@@ -29,7 +29,8 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypeVar, get_args
 
-from controller.errors import Conflict, NotFound, StoreError
+from controller.errors import StoreError
+from gpu_common.errors import Conflict, NotFound
 
 JobState = Literal["held", "dispatched", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)

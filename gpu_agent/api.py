@@ -3,48 +3,39 @@
 Every error leaves as JSON `{"error": {"code", "message"}}` with a fitting status; conversion
 happens once, in `error_middleware`. Every route but `/healthz` and `/openapi.json` needs
 `Authorization: Bearer <token>` when a token is configured; the comparison is constant-time.
-Before that, every request's Host and Origin are checked (`gpu_agent.allowed_hosts`), and
-`/openapi.json` describes every route (`gpu_agent.openapi`).
+Before that, every request's Host and Origin are checked (`gpu_common.hosts`), and
+`/openapi.json` describes every route (`gpu_common.openapi`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import httpx
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from gpu_agent import __version__
-from gpu_agent.allowed_hosts import HostPolicy, host_check_middleware
 from gpu_agent.errors import (
-    BadRequest,
     ComfyUIError,
-    ComfyUIUnavailable,
-    GpuAgentError,
-    NotFound,
     OllamaUnavailable,
-    PayloadTooLarge,
-    Unauthorized,
-    WorkflowRejected,
 )
 from gpu_agent.metrics import make_registry, render
-from gpu_agent.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
-from gpu_agent.schema import (
+from gpu_agent.service import AgentService
+from gpu_common.errors import BadRequest, NotFound
+from gpu_common.hosts import HostPolicy, host_check_middleware
+from gpu_common.http import auth_middleware, check_workflow, error_middleware, read_model
+from gpu_common.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
+from gpu_common.schema import (
     AgentEvent,
     AgentStatus,
-    ErrorBody,
-    ErrorResponse,
     FreeRequest,
     FreeResult,
     LoadRequest,
@@ -54,7 +45,6 @@ from gpu_agent.schema import (
     UnloadRequest,
     UnloadResult,
 )
-from gpu_agent.service import AgentService
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +55,8 @@ EVENT_STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet[web.WebSocketRes
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 
-# Routes that answer without a token: liveness, and the description of the API.
-PUBLIC_PATHS = frozenset({"/healthz", OPENAPI_PATH})
 # ComfyUI prompt ids are UUIDs; anything else cannot name a prompt and must not reach a URL.
 _PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MAX_WORKFLOW_NODES = 2000
-"""The most nodes a workflow may have. Real graphs have tens to a few hundred; ComfyUI checks a
-graph recursively and keeps every output, so a far larger one is refused up front with a 400
-instead of tying up the queue (and, for the controller, the output copy) for minutes."""
 # Ollama endpoints whose requests name a model and occupy it while they run.
 _MODEL_ROUTES = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
 # Hop-by-hop and framing headers never copied through the pass-through.
@@ -89,167 +73,6 @@ _DROP_HEADERS = {
     "proxy-authorization",
     "proxy-authenticate",
 }
-
-
-def error_response(
-    status: int, code: str, message: str, details: dict[str, Any] | None = None
-) -> web.Response:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
-    return web.json_response(body.model_dump(exclude_none=True), status=status)
-
-
-def error_middleware_for(
-    errors: tuple[type[Exception], ...],
-    service: str,
-    *,
-    details: Callable[[Exception], dict[str, Any] | None] = lambda exc: None,
-    headers: Callable[[Exception], dict[str, str]] = lambda exc: {},
-) -> Middleware:
-    """The one place where any failure becomes `{"error": {"code", "message"}}`.
-
-    `errors` are the service's error trees; each class carries its `code` and `http_status`.
-    `details` and `headers` add what one error needs (ComfyUI's node errors, `Retry-After`).
-    """
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except errors as exc:
-            status, code = getattr(exc, "http_status", 500), getattr(exc, "code", "internal")
-            response = error_response(status, code, str(exc), details(exc))
-            response.headers.update(headers(exc))
-            return response
-        except web.HTTPRequestEntityTooLarge as exc:
-            return error_response(413, PayloadTooLarge.code, f"body too large: {exc.text}")
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-            message = (
-                exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
-            )
-            response = error_response(exc.status, code, message)
-            if "Allow" in exc.headers:
-                # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
-                response.headers["Allow"] = exc.headers["Allow"]
-            return response
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unexpected error serving %s %s", request.method, request.path)
-            return error_response(500, "internal", f"internal error; see the {service}'s log")
-
-    return middleware
-
-
-def _error_details(exc: GpuAgentError) -> dict[str, Any] | None:
-    """What a caller needs beyond the message to act on the error, if anything."""
-    if isinstance(exc, WorkflowRejected):
-        # ComfyUI's own verdict, so a client can point at the offending node and input.
-        return {"error": exc.error, "node_errors": exc.node_errors}
-    if isinstance(exc, ComfyUIUnavailable) and exc.prompt_id is not None:
-        # The submission may have been queued: resubmitting with this id is safe.
-        return {"prompt_id": exc.prompt_id}
-    details = getattr(exc, "details", None)
-    return details if isinstance(details, dict) else None
-
-
-error_middleware = error_middleware_for(
-    (GpuAgentError,),
-    "agent",
-    details=lambda exc: _error_details(exc) if isinstance(exc, GpuAgentError) else None,
-)
-
-
-def token_matches(given: str, expected: bytes) -> bool:
-    """Whether the `Authorization` value `given` equals `expected`, in constant time.
-
-    Both sides are hashed first, so the comparison sees two 32-byte values whatever the
-    lengths: the time depends neither on how much of the token is right nor on its length.
-    """
-    given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
-    return hmac.compare_digest(given_digest, hashlib.sha256(expected).digest())
-
-
-def auth_middleware(
-    token: str | None, *, public_paths: Collection[str] = PUBLIC_PATHS
-) -> Callable[..., Any]:
-    """aiohttp middleware requiring `Authorization: Bearer <token>` outside `public_paths`."""
-    expected = f"Bearer {token}".encode() if token else None
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (
-            expected is not None
-            and request.path not in public_paths
-            and not token_matches(request.headers.get("Authorization", ""), expected)
-        ):
-            raise Unauthorized("missing or wrong bearer token")
-        return await handler(request)
-
-    return middleware
-
-
-def _reject_constant(name: str) -> Any:
-    # JSON has no NaN or Infinity; Python's parser accepts them, and they would travel on.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(raw: bytes) -> Any:
-    """The JSON value in `raw`, or BadRequest saying why not.
-
-    Stricter than `json.loads` where a lax parse would fail later, far from the request:
-    no NaN or Infinity, no unpaired UTF-16 surrogates (they cannot be stored or re-encoded as
-    UTF-8), and nesting too deep to walk is an error, not a crash.
-    """
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-        # Re-encoding finds the lone surrogates that "\\ud800" escapes leave in strings.
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except RecursionError as exc:
-        raise BadRequest("body is nested too deeply") from exc
-    except UnicodeEncodeError as exc:
-        raise BadRequest("body has a string that is not valid Unicode (a lone surrogate)") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
-    return data
-
-
-async def read_model(request: web.Request, model: type[M]) -> M:
-    """Parse the JSON body into `model`, or raise a 400 that says what is wrong."""
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("missing request body")
-    data = parse_json(raw)
-    try:
-        return model.model_validate(data)
-    except RecursionError as exc:
-        raise BadRequest("body is nested too deeply") from exc
-    except ValidationError as exc:
-        errors = exc.errors()
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])[:100] or 'body'}: {err['msg']}"
-            for err in errors[:10]
-        )
-        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-        raise BadRequest(f"invalid {model.__name__}: {problems}{more}") from exc
-
-
-def check_workflow(workflow: dict[str, Any]) -> None:
-    """BadRequest when `workflow` has more than `MAX_WORKFLOW_NODES` nodes, or a node that is
-    not an object (API format: node id -> {"class_type", "inputs"}); ComfyUI itself answers
-    such a node with a 500."""
-    if len(workflow) > MAX_WORKFLOW_NODES:
-        raise BadRequest(
-            f"workflow has {len(workflow)} nodes; at most {MAX_WORKFLOW_NODES} are accepted"
-        )
-    for node_id, node in workflow.items():
-        if not isinstance(node, dict):
-            raise BadRequest(
-                f"workflow node {node_id!r} is {type(node).__name__}, not an object with "
-                f"class_type and inputs (ComfyUI's API format)"
-            )
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
@@ -446,12 +269,16 @@ def create_app(
     """The agent's aiohttp application. The caller owns `service`'s lifecycle.
 
     `allowed_hosts` and `bind_host` widen the names a request's Host and Origin may carry
-    (`gpu_agent.allowed_hosts.HostPolicy`).
+    (`gpu_common.hosts.HostPolicy`).
     """
     policy = HostPolicy(allowed_hosts, bind_host=bind_host)
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[error_middleware, host_check_middleware(policy), auth_middleware(token)],
+        middlewares=[
+            error_middleware("agent"),
+            host_check_middleware(policy),
+            auth_middleware(token),
+        ],
     )
     app[SERVICE_KEY] = service
     app[REGISTRY_KEY] = make_registry(service)

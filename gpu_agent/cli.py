@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpu_agent.errors import ConfigError, GpuAgentError
+from gpu_agent.errors import GpuAgentError
+from gpu_common.errors import ConfigError, ServiceError
 
 if TYPE_CHECKING:
     from gpu_agent.daemon import RunningAgent
@@ -208,7 +209,7 @@ def _show_status(args: argparse.Namespace) -> int:
         status = fetch_status(
             args.url, token=_status_token(args.token_file), timeout_s=args.timeout
         )
-    except GpuAgentError as exc:
+    except ServiceError as exc:
         print(f"gpu-agent status: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:

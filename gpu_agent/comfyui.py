@@ -34,7 +34,6 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from gpu_agent import clock
 from gpu_agent.comfyui_state import (
     FINAL_STATES,
     EventKind,
@@ -60,6 +59,7 @@ from gpu_agent.errors import (
     PromptNotFound,
     WorkflowRejected,
 )
+from gpu_common import clock
 
 __all__ = [
     "FINAL_STATES",

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gpu_agent import clock as clock_mod
 from gpu_agent.api import create_app
 from gpu_agent.comfyui import ComfyUIController
-from gpu_agent.gpu.probe import GpuProbe
 from gpu_agent.ollama import OllamaClient
 from gpu_agent.sdnotify import SystemdNotifier, should_ping_watchdog
 from gpu_agent.service import AgentService
 from gpu_agent.settings import AgentSettings
 from gpu_agent.telemetry import TelemetrySampler
+from gpu_common import clock as clock_mod
+from gpu_common.probe import GpuProbe
 
 if TYPE_CHECKING:
     from gpu_agent.sim.desktop import SimDesktop

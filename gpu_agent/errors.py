@@ -1,80 +1,35 @@
-"""The agent's one error tree. Catch at the depth you care about.
+"""The agent's own errors, on the shared base in `gpu_common.errors`. Catch at any depth.
 
-    GpuAgentError
-    ├── ConfigError            bad settings; the CLI exits with EXIT_BAD_CONFIG
-    ├── ProbeError             a GPU probe cannot be read at all (no driver, NVML gone)
-    ├── RequestError           a caller's request cannot be served as asked (4xx)
-    │   ├── BadRequest         malformed or invalid input
-    │   ├── Unauthorized       missing or wrong bearer token
-    │   ├── NotFound           no such route, model, prompt or output
-    │   ├── Conflict           the state forbids it now (a busy model)
-    │   └── PayloadTooLarge    the body exceeds the configured limit
-    ├── OllamaError            talking to Ollama failed
-    │   ├── OllamaUnavailable  connection refused, timed out, or a 5xx
-    │   ├── ModelNotFound      Ollama does not have the model
-    │   ├── OllamaRejected     Ollama answered 4xx for another reason
-    │   └── UnloadTimeout      the memory never came back after an unload
-    ├── ComfyUIError           talking to ComfyUI failed
-    │   ├── ComfyUIUnavailable connection refused, timed out, or a 5xx answer
-    │   ├── WorkflowRejected   400 from POST /prompt: keeps ComfyUI's `error` and `node_errors`
-    │   ├── PromptNotFound     the adapter tracks no prompt with this id
-    │   └── OutputNotFound     no such output index, or /view has no such file
-    ├── FreeTimeout            ComfyUI's memory never came back after /free
-    └── SimError               misuse of the simulated desktop
-        └── SimOutOfMemory     an allocation larger than the simulated GPU's free memory
+    ServiceError (gpu_common.errors)   ConfigError, ProbeError and the 4xx RequestError family
+    └── GpuAgentError
+        ├── OllamaError            talking to Ollama failed
+        │   ├── OllamaUnavailable  connection refused, timed out, or a 5xx
+        │   ├── ModelNotFound      Ollama does not have the model
+        │   ├── OllamaRejected     Ollama answered 4xx for another reason
+        │   └── UnloadTimeout      the memory never came back after an unload
+        ├── ComfyUIError           talking to ComfyUI failed
+        │   ├── ComfyUIUnavailable connection refused, timed out, or a 5xx answer
+        │   ├── WorkflowRejected   400 from POST /prompt: keeps ComfyUI's `error` and `node_errors`
+        │   ├── PromptNotFound     the adapter tracks no prompt with this id
+        │   └── OutputNotFound     no such output index, or /view has no such file
+        └── FreeTimeout            ComfyUI's memory never came back after /free
 
 Each class carries the `code` and HTTP status the agent's API answers with, so the API converts any
-of them in one place.
+of them in one place (`gpu_common.http.error_middleware`).
 """
 
 from __future__ import annotations
 
+from typing import Any
 
-class GpuAgentError(Exception):
+from gpu_common.errors import ServiceError
+
+
+class GpuAgentError(ServiceError):
     """Base of every error the agent raises on purpose."""
 
     code = "internal"
     http_status = 500
-
-
-class ConfigError(GpuAgentError):
-    """The settings are invalid; the message names the field."""
-
-
-class ProbeError(GpuAgentError):
-    """A GPU probe could not be read at all (as opposed to one unsupported field)."""
-
-
-class RequestError(GpuAgentError):
-    """The request cannot be served as asked; the caller should change it."""
-
-    code = "bad_request"
-    http_status = 400
-
-
-class BadRequest(RequestError):
-    code = "bad_request"
-    http_status = 400
-
-
-class Unauthorized(RequestError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class NotFound(RequestError):
-    code = "not_found"
-    http_status = 404
-
-
-class Conflict(RequestError):
-    code = "conflict"
-    http_status = 409
-
-
-class PayloadTooLarge(RequestError):
-    code = "payload_too_large"
-    http_status = 413
 
 
 class OllamaError(GpuAgentError):
@@ -85,43 +40,38 @@ class OllamaError(GpuAgentError):
 
 
 class OllamaUnavailable(OllamaError):
+    """Ollama could not be reached in time, or answered 5xx."""
+
     code = "ollama_unavailable"
     http_status = 503
 
 
 class ModelNotFound(OllamaError):
+    """Ollama does not have the model."""
+
     code = "model_not_found"
     http_status = 404
 
 
 class OllamaRejected(OllamaError):
+    """Ollama answered 4xx for a reason other than a missing model."""
+
     code = "ollama_rejected"
     http_status = 400
 
 
 class UnloadTimeout(OllamaError):
+    """The GPU never showed the memory back after an unload."""
+
     code = "unload_timeout"
     http_status = 504
 
 
 class FreeTimeout(GpuAgentError):
+    """ComfyUI's memory never came back after `/free`."""
+
     code = "free_timeout"
     http_status = 504
-
-
-class SimError(GpuAgentError):
-    """The simulated desktop was used in a way it does not support."""
-
-
-class SimOutOfMemory(SimError):
-    """An allocation on the simulated GPU did not fit, as a CUDA allocation would fail."""
-
-    def __init__(self, requested_bytes: int, free_bytes: int) -> None:
-        super().__init__(
-            f"tried to allocate {requested_bytes} bytes with {free_bytes} bytes free on the GPU"
-        )
-        self.requested_bytes = requested_bytes
-        self.free_bytes = free_bytes
 
 
 # -- ComfyUI adapter -------------------------------------------------------------------------
@@ -148,6 +98,10 @@ class ComfyUIUnavailable(ComfyUIError):
         super().__init__(message)
         self.prompt_id = prompt_id
 
+    def details(self) -> dict[str, Any] | None:
+        # The submission may have been queued: resubmitting with this id is safe.
+        return {"prompt_id": self.prompt_id} if self.prompt_id is not None else None
+
 
 class WorkflowRejected(ComfyUIError):
     """POST /prompt answered 400; `error` and `node_errors` are ComfyUI's own, for the API."""
@@ -161,6 +115,10 @@ class WorkflowRejected(ComfyUIError):
         super().__init__(f"{message}: {details}" if details and details != message else message)
         self.error = error
         self.node_errors = node_errors
+
+    def details(self) -> dict[str, Any] | None:
+        # ComfyUI's own verdict, so a client can point at the offending node and input.
+        return {"error": self.error, "node_errors": self.node_errors}
 
 
 class PromptNotFound(ComfyUIError):

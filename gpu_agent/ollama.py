@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from gpu_agent import clock
 from gpu_agent.errors import ModelNotFound, OllamaError, OllamaRejected, OllamaUnavailable
+from gpu_common import clock
 
 # An expiry this far out means "pinned" (keep_alive < 0); Ollama reports year 2318.
 _PINNED_AFTER_YEAR = 2200

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gpu_agent import __version__, clock
+from gpu_agent import __version__
 from gpu_agent.comfyui import FINAL_STATES, ComfyUIController, PromptEvent, PromptRecord
 from gpu_agent.errors import (
     ComfyUIError,
-    Conflict,
     FreeTimeout,
     GpuAgentError,
     ModelNotFound,
@@ -31,10 +30,13 @@ from gpu_agent.errors import (
     UnloadTimeout,
 )
 from gpu_agent.gpu.attribution import classify
-from gpu_agent.gpu.probe import GpuReading
-from gpu_agent.model_names import normalize_model_name
 from gpu_agent.ollama import AvailableModel, OllamaClient, RunningModel
-from gpu_agent.schema import (
+from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
+from gpu_common import clock
+from gpu_common.errors import Conflict
+from gpu_common.model_names import normalize_model_name
+from gpu_common.probe import GpuReading
+from gpu_common.schema import (
     AgentEvent,
     AgentStatus,
     AvailableModelInfo,
@@ -54,7 +56,6 @@ from gpu_agent.schema import (
     UnloadRequest,
     UnloadResult,
 )
-from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpu_agent.allowed_hosts import check_allowed_host_entry
-from gpu_agent.errors import ConfigError
-from gpu_agent.layered_settings import (
+from gpu_common.errors import ConfigError
+from gpu_common.hosts import check_allowed_host_entry
+from gpu_common.layered_settings import (
     check_base_url,
     is_loopback_host,
     load_layered,

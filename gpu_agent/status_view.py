@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gpu_agent.errors import GpuAgentError, Unauthorized
-from gpu_agent.schema import AgentStatus
+from gpu_agent.errors import GpuAgentError
+from gpu_common.errors import Unauthorized
+from gpu_common.schema import AgentStatus
 
 GIB = 1024**3
 

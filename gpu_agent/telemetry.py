@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from gpu_agent import clock
-from gpu_agent.errors import ProbeError
 from gpu_agent.gpu.attribution import ProcessLookup, attribute, describe_pid, name_processes
-from gpu_agent.gpu.probe import GpuProbe, GpuReading
 from gpu_agent.host import HostReading, read_host
+from gpu_common import clock
+from gpu_common.errors import ProbeError
+from gpu_common.probe import GpuProbe, GpuReading
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import settings
 
 from gpu_agent.sim.desktop import SimDesktop
-from gpu_agent.virtual_time import VirtualTimeLoop
+from gpu_common.virtual_time import VirtualTimeLoop
 
 # In CI, property and fuzz tests draw the same examples every run: a new counterexample should
 # come from a change, not from the draw. Locally they keep exploring.

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gpu_agent import clock
+from gpu_common import clock
 
 
 async def wait_until(

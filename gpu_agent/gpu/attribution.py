@@ -17,7 +17,7 @@ from typing import Literal, TypeAlias
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 
-from gpu_agent.gpu.probe import GpuReading
+from gpu_common.probe import GpuReading
 
 Owner = Literal["ollama", "comfyui", "other"]
 OWNERS: tuple[Owner, ...] = ("ollama", "comfyui", "other")

@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gpu_agent.errors import ProbeError
-from gpu_agent.gpu.probe import GpuProcessReading, GpuReading
+from gpu_common.errors import ProbeError
+from gpu_common.probe import GpuProcessReading, GpuReading
 
 log = logging.getLogger(__name__)
 

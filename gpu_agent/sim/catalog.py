@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from gpu_agent.model_names import normalize_model_name
+from gpu_common.model_names import normalize_model_name
 
 MIB = 1024**2
 GIB = 1024**3

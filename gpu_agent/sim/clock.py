@@ -1,4 +1,4 @@
-"""Simulated time for the simulated desktop, read from the one clock (`gpu_agent.clock`).
+"""Simulated time for the simulated desktop, read from the one clock (`gpu_common.clock`).
 
 Everything the emulators model (load times, decode speed, diffusion steps, keep-alive expiry) is
 expressed in simulated seconds: `speed` simulated seconds pass per second of the running loop.
@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from gpu_agent import clock
+from gpu_common import clock
 
 
 class SimClock:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpu_agent.errors import SimOutOfMemory
 from gpu_agent.sim.catalog import MIB, Checkpoint
 from gpu_agent.sim.clock import SimClock
+from gpu_agent.sim.errors import SimOutOfMemory
 from gpu_agent.sim.gpu import SimGpu
 
 Part = Literal["clip", "unet", "vae"]

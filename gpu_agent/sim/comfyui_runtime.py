@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu_agent.errors import SimOutOfMemory
 from gpu_agent.sim.catalog import GIB, MIB, Catalog, Checkpoint, CheckpointFamily
 from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.comfyui_memory import ComfyMemory, Part, Placement
 from gpu_agent.sim.comfyui_settings import ComfyUIStats
+from gpu_agent.sim.errors import SimOutOfMemory
 from gpu_agent.sim.gpu import SimGpu
 from gpu_agent.sim.png import encode_png, gradient_rows, solid_rows
 

@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from gpu_agent import clock
 from gpu_agent.daemon import running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SDXL, text_to_image
 from gpu_agent.status_view import render_status
-from gpu_agent.virtual_time import run_virtual
+from gpu_common import clock
+from gpu_common.virtual_time import run_virtual
 
 GIB = 1024**3
 POLL_S = 0.05
@@ -45,7 +45,7 @@ async def wait_prompt(agent: httpx.AsyncClient, prompt_id: str) -> dict[str, Any
 
 
 async def status(agent: httpx.AsyncClient, console: Console) -> None:
-    from gpu_agent.schema import AgentStatus
+    from gpu_common.schema import AgentStatus
 
     render_status(AgentStatus.model_validate_json((await agent.get("/v1/status")).content), console)
 

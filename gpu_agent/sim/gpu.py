@@ -17,9 +17,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gpu_agent.errors import ProbeError, SimOutOfMemory
-from gpu_agent.gpu.probe import GpuProcessReading, GpuReading
 from gpu_agent.sim.clock import SimClock
+from gpu_agent.sim.errors import SimOutOfMemory
+from gpu_common.errors import ProbeError
+from gpu_common.probe import GpuProcessReading, GpuReading
 
 MIB = 1024**2
 GIB = 1024**3

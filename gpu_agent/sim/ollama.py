@@ -27,7 +27,6 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gpu_agent.model_names import normalize_model_name
 from gpu_agent.sim import text
 from gpu_agent.sim.catalog import Catalog, OllamaModelSpec
 from gpu_agent.sim.clock import SimClock
@@ -61,6 +60,7 @@ from gpu_agent.sim.ollama_wire import (
     show_body,
     to_ns,
 )
+from gpu_common.model_names import normalize_model_name
 
 __all__ = [
     "OllamaEmulator",

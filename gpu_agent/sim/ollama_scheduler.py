@@ -27,9 +27,9 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gpu_agent.errors import SimOutOfMemory
 from gpu_agent.sim.catalog import OllamaModelSpec
 from gpu_agent.sim.clock import SimClock
+from gpu_agent.sim.errors import SimOutOfMemory
 from gpu_agent.sim.gpu import MIB, SimGpu
 
 # Free memory Ollama leaves on a card when it fits layers of a model that does not fit whole.

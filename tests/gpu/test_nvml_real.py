@@ -11,8 +11,8 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 
 from gpu_agent.gpu.nvml import NvmlProbe
-from gpu_agent.gpu.probe import GpuReading
 from gpu_agent.telemetry import TelemetrySampler
+from gpu_common.probe import GpuReading
 
 pytestmark = pytest.mark.gpu
 

@@ -23,11 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_agent.daemon import RunningAgent, running_agent
-from gpu_agent.schema import AgentEvent, AgentStatus, LoadResult, UnloadResult
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.gpu import GIB, MIB
 from gpu_agent.sim.workflows import SD15, text_to_image
+from gpu_common.schema import AgentEvent, AgentStatus, LoadResult, UnloadResult
 from tests.waiting import wait_until
 
 TOKEN = "test-token-0123456789abcdef"

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from gpu_agent import clock
 from gpu_agent.cli import TOKEN_ENV
 from gpu_agent.cli import main as cli_main
 from gpu_agent.daemon import RunningAgent, running_agent, serve
-from gpu_agent.schema import AgentStatus
 from gpu_agent.sdnotify import SystemdNotifier
 from gpu_agent.settings import ENV_PREFIX, EXIT_BAD_CONFIG
 from gpu_agent.sim.desktop import SimDesktop
+from gpu_common import clock
+from gpu_common.schema import AgentStatus
 from tests.integration.test_agent_api import GPU_NAME, TOKEN, agent_settings
 from tests.waiting import wait_until
 

@@ -11,11 +11,11 @@ import httpx
 import ollama
 import pytest
 
-from gpu_agent import clock
 from gpu_agent.daemon import RunningAgent, running_agent
-from gpu_agent.schema import UnloadResult
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.ollama import MIDSTREAM_ERROR
+from gpu_common import clock
+from gpu_common.schema import UnloadResult
 from tests.integration.test_agent_api import (
     AUTH,
     HTTP_TIMEOUT_S,

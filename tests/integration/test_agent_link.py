@@ -24,9 +24,13 @@ from controller.agents import (
     ws_url,
 )
 from controller.errors import AgentRejected, AgentUnavailable
-from gpu_agent import clock
 from gpu_agent.daemon import RunningAgent, running_agent
-from gpu_agent.schema import (
+from gpu_agent.settings import AgentSettings
+from gpu_agent.sim.desktop import SimDesktop
+from gpu_agent.sim.server import LoopbackServer
+from gpu_agent.sim.workflows import SD15, text_to_image
+from gpu_common import clock
+from gpu_common.schema import (
     AgentEvent,
     AgentStatus,
     ComfyUIInfo,
@@ -36,10 +40,6 @@ from gpu_agent.schema import (
     TelemetryInfo,
     TelemetryStatus,
 )
-from gpu_agent.settings import AgentSettings
-from gpu_agent.sim.desktop import SimDesktop
-from gpu_agent.sim.server import LoopbackServer
-from gpu_agent.sim.workflows import SD15, text_to_image
 from tests.waiting import wait_until
 
 TOKEN = "t0ken-123"

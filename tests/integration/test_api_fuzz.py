@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from controller.api import create_app as create_controller_app
 from gpu_agent.api import create_app as create_agent_app
-from gpu_agent.openapi import OPENAPI_PATH
 from gpu_agent.sim.desktop import SimDesktop
+from gpu_common.openapi import OPENAPI_PATH
 from tests.integration.stack import AGENT_TOKEN, CONTROLLER_TOKEN, running_stack
 
 # The services' websocket keepalive pings (the controller's link to the agent, the agent's to

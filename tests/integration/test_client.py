@@ -36,9 +36,9 @@ from controller.client import (
     StudioTimeout,
     StudioUnavailable,
 )
-from gpu_agent import clock
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
+from gpu_common import clock
 from tests.integration.stack import (
     AGENT_NAME,
     CONTROLLER_TOKEN,
@@ -452,7 +452,7 @@ async def test_generation_retries_503_after_retry_after() -> None:
 
 async def test_retry_after_as_http_date() -> None:
     sleep = RecordingSleep()
-    # The client reads the wall clock through `gpu_agent.clock`, virtual here like its durations.
+    # The client reads the wall clock through `gpu_common.clock`, virtual here like its durations.
     when = format_datetime(clock.utc_now() + timedelta(seconds=10), usegmt=True)
     ok = httpx.Response(200, headers=ROUTE_HEADERS, content=ndjson(FINAL_LINE))
     recorder = Recorder(busy(when), ok)

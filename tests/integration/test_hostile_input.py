@@ -26,11 +26,12 @@ import pytest
 from aiohttp import web
 
 from controller.images import _safe_name
-from gpu_agent import clock
-from gpu_agent.api import MAX_WORKFLOW_NODES, create_app, token_matches
+from gpu_agent.api import create_app
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, text_to_image
+from gpu_common import clock
+from gpu_common.http import MAX_WORKFLOW_NODES, token_matches
 from tests.integration.stack import (
     AGENT_TOKEN,
     AUTH,

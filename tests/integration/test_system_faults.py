@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_agent import clock
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.ollama import MIDSTREAM_ERROR
+from gpu_common import clock
 from tests import waiting
 from tests.integration.stack import (
     AGENT_TOKEN,

@@ -11,11 +11,11 @@ from collections.abc import Callable
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from gpu_agent import clock
 from gpu_agent.gpu.attribution import attribute, classify, describe_pid
-from gpu_agent.gpu.probe import GpuProcessReading, GpuReading
 from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.gpu import MIB, SimGpu
+from gpu_common import clock
+from gpu_common.probe import GpuProcessReading, GpuReading
 
 GIB = 1024**3
 

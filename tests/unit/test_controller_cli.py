@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from controller.cli import build_parser, main, serve_until_signalled, settings_from_args
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo
 from controller.settings import EXIT_BAD_CONFIG, ControllerSettings, load_settings
-from gpu_agent.schema import GpuInfo, ResidentModelInfo
+from gpu_common.schema import GpuInfo, ResidentModelInfo
 from tests.waiting import wait_until
 
 TOKEN = "0123456789abcdef0123456789abcdef"

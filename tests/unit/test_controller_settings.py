@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import ConfigError
 from controller.settings import (
     EXIT_BAD_CONFIG,
     AgentEndpoint,
@@ -15,6 +14,7 @@ from controller.settings import (
     agent_name_from_url,
     load_settings,
 )
+from gpu_common.errors import ConfigError
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 AGENT_TOKEN = "fedcba9876543210fedcba9876543210"

@@ -7,8 +7,8 @@ import ctypes
 import pynvml
 import pytest
 
-from gpu_agent.errors import ProbeError
 from gpu_agent.gpu.nvml import NvmlProbe
+from gpu_common.errors import ProbeError
 from tests.unit.fake_nvml import GIB, MIB, FakeDevice, FakeNvml, FakeProcess
 
 

@@ -1,4 +1,4 @@
-"""Time has one source: the running loop's clock, read through `gpu_agent.clock`.
+"""Time has one source: the running loop's clock, read through `gpu_common.clock`.
 
 Walks every module of `gpu_agent` and `controller` (the simulator included) and fails on a
 direct read of the process clocks, naming the file and line. Only the seam itself may read them.
@@ -55,7 +55,7 @@ def test_the_walk_covers_the_simulator_and_both_services() -> None:
 
 def test_no_module_reads_a_process_clock_outside_the_seam() -> None:
     reads = [read for path in _sources() for read in _clock_reads(path)]
-    assert not reads, "read time through gpu_agent.clock instead:\n" + "\n".join(reads)
+    assert not reads, "read time through gpu_common.clock instead:\n" + "\n".join(reads)
 
 
 def test_the_walk_would_catch_a_direct_read(tmp_path: Path) -> None:

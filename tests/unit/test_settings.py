@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from gpu_agent.errors import ConfigError
 from gpu_agent.settings import (
     EXIT_BAD_CONFIG,
     AgentSettings,
     is_loopback_host,
     load_settings,
 )
+from gpu_common.errors import ConfigError
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from gpu_agent.errors import ProbeError, SimOutOfMemory
 from gpu_agent.sim.clock import SimClock
+from gpu_agent.sim.errors import SimOutOfMemory
 from gpu_agent.sim.gpu import MIB, SimGpu, SimGpuProbe
+from gpu_common.errors import ProbeError
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from controller.errors import Conflict, NotFound, StoreError
+from controller.errors import StoreError
 from controller.store import (
     FINAL_JOB_STATES,
     JOB_STATES,
@@ -23,6 +23,7 @@ from controller.store import (
     JobStore,
     transition_allowed,
 )
+from gpu_common.errors import Conflict, NotFound
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

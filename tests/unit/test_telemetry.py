@@ -9,13 +9,13 @@ from datetime import UTC
 
 import pytest
 
-from gpu_agent import clock as loop_clock
-from gpu_agent.errors import ProbeError
-from gpu_agent.gpu.probe import GpuProbe, GpuReading
 from gpu_agent.host import HostReading, read_host
 from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.gpu import MIB, SimGpu, SimGpuProbe
 from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
+from gpu_common import clock as loop_clock
+from gpu_common.errors import ProbeError
+from gpu_common.probe import GpuProbe, GpuReading
 
 GIB = 1024**3
 # The agent's default cadence; on the virtual-time loop a sampled second costs no real time.

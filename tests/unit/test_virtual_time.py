@@ -8,9 +8,14 @@ from datetime import timedelta
 
 import pytest
 
-from gpu_agent import clock
 from gpu_agent.sim.clock import SimClock
-from gpu_agent.virtual_time import DEFAULT_START_S, DEFAULT_WALL_EPOCH, VirtualTimeLoop, run_virtual
+from gpu_common import clock
+from gpu_common.virtual_time import (
+    DEFAULT_START_S,
+    DEFAULT_WALL_EPOCH,
+    VirtualTimeLoop,
+    run_virtual,
+)
 
 
 def test_an_hour_of_sleeping_costs_no_real_time_and_lands_exactly() -> None:

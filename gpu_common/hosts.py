@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gpu_agent.schema import ErrorBody, ErrorResponse
+from gpu_common.schema import ErrorBody, ErrorResponse
 
 __all__ = [
     "PRIVATE_SUFFIXES",

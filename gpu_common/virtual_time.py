@@ -230,7 +230,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     """A selector event loop on virtual time; see the module docstring for the rules.
 
     `time()` starts at `start_s`; `wall_epoch` is the wall-clock instant of `time() == 0`, so
-    `gpu_agent.clock.utc_now()` gives timestamps that agree with the loop's durations.
+    `gpu_common.clock.utc_now()` gives timestamps that agree with the loop's durations.
     """
 
     def __init__(

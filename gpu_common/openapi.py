@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from gpu_agent.schema import ErrorResponse
+from gpu_common.schema import ErrorResponse
 
 __all__ = ["OPENAPI_PATH", "RouteDoc", "add_openapi_route", "build_openapi"]
 

@@ -12,7 +12,7 @@ Every duration, deadline and timestamp in `gpu_agent` and `controller` comes fro
 A test walks the packages and fails on any other read of `time.monotonic`, `time.time` or
 `datetime.now`, the way the core-purity test guards the policy core.
 
-`VirtualTimeLoop` (in `gpu_agent.virtual_time`) makes the in-process simulated stack run on
+`VirtualTimeLoop` (in `gpu_common.virtual_time`) makes the in-process simulated stack run on
 virtual time: its clock only moves when every task is waiting.
 """
 
