@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gpu_agent.sim.demo --clean
+	$(BIN)/python -m gpu_agent.demo --clean
 	$(BIN)/python -m controller.demo
 
 test: lint typecheck pytest

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gpu_agent.sim.workload import percentile
+from gpu_common.stats import percentile
 
 __all__ = ["RESULTS", "percentile", "record", "table"]
 

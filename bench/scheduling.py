@@ -52,9 +52,9 @@ from gpu_agent.sim.workload import (
     LlmArrival,
     busy_hour,
     fleet_hour,
-    percentile,
     studio_day,
 )
+from gpu_common.stats import percentile
 from gpu_common.virtual_time import run_virtual
 
 POLL_SIM_S = 0.5

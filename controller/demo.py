@@ -23,8 +23,9 @@ from controller.client import StudioClient, StudioError
 from controller.simulated import simulated_stack
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
-from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, busy_hour, percentile
+from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, busy_hour
 from gpu_common import clock
+from gpu_common.stats import percentile
 from gpu_common.virtual_time import run_virtual
 
 TOKEN = "demo-token"

@@ -30,9 +30,8 @@ from controller.errors import AgentError, AgentRejected
 from controller.pulse import Pulse
 from controller.schema import ImageJobInfo, ProgressInfo
 from controller.store import UNSET, JobRecord, JobState, Unset
-from gpu_agent.comfyui_state import FINAL_STATES, OOM_REASON
 from gpu_common.errors import BadRequest, Conflict, NotFound
-from gpu_common.schema import PromptInfo
+from gpu_common.schema import FINAL_STATES, OOM_REASON, PromptInfo
 
 if TYPE_CHECKING:
     from controller.engine import Engine

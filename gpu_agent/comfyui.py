@@ -35,12 +35,10 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from gpu_agent.comfyui_state import (
-    FINAL_STATES,
     EventKind,
     OutputFile,
     PromptEvent,
     PromptRecord,
-    PromptState,
     PromptTrack,
     Transition,
     apply_history,
@@ -60,6 +58,7 @@ from gpu_agent.errors import (
     WorkflowRejected,
 )
 from gpu_common import clock
+from gpu_common.schema import FINAL_STATES, PromptState
 
 __all__ = [
     "FINAL_STATES",

@@ -21,18 +21,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
-PromptState = Literal[
-    "pending", "running", "succeeded", "failed", "interrupted", "cancelled", "unknown"
-]
-FINAL_STATES: frozenset[PromptState] = frozenset(
-    {"succeeded", "failed", "interrupted", "cancelled", "unknown"}
-)
+from gpu_common.schema import FINAL_STATES, OOM_REASON, UNKNOWN_REASON, PromptState
+
 EventKind = Literal["submitted", "started", "progress", "finished"]
 
 # The sentence ComfyUI appends to a CUDA out-of-memory exception (execution.py), and torch's own.
 _OOM_MARKERS = ("ran out of memory on your gpu", "out of memory")
-OOM_REASON = "ran out of GPU memory"
-UNKNOWN_REASON = "ComfyUI no longer knows this prompt (it restarted)"
 UNKNOWN_ERROR = "the prompt is in neither ComfyUI's queue nor its history"
 UNKNOWN_ERROR_TYPE = "restart"
 

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from gpu_agent import __version__
-from gpu_agent.comfyui import FINAL_STATES, ComfyUIController, PromptEvent, PromptRecord
+from gpu_agent.comfyui import ComfyUIController, PromptEvent, PromptRecord
 from gpu_agent.errors import (
     ComfyUIError,
     FreeTimeout,
@@ -37,6 +37,7 @@ from gpu_common.errors import Conflict
 from gpu_common.model_names import normalize_model_name
 from gpu_common.probe import GpuReading
 from gpu_common.schema import (
+    FINAL_STATES,
     AgentEvent,
     AgentStatus,
     AvailableModelInfo,

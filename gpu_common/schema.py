@@ -16,6 +16,14 @@ TelemetryStatus = Literal["ok", "degraded", "no_gpu"]
 PromptState = Literal[
     "pending", "running", "succeeded", "failed", "interrupted", "cancelled", "unknown"
 ]
+FINAL_STATES: frozenset[PromptState] = frozenset(
+    {"succeeded", "failed", "interrupted", "cancelled", "unknown"}
+)
+"""A prompt in one of these states never changes state again."""
+OOM_REASON = "ran out of GPU memory"
+"""A failed prompt's `reason` when ComfyUI ran out of GPU memory: the controller retries those."""
+UNKNOWN_REASON = "ComfyUI no longer knows this prompt (it restarted)"
+"""An `unknown` prompt's `reason`: it is in neither ComfyUI's queue nor its history."""
 ConnectionState = Literal["websocket", "polling", "down"]
 
 MODEL_NAME_MAX = 200

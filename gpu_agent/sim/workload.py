@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,17 +78,6 @@ def busy_hour(
     for k in range(sd15_jobs):
         arrivals.append(ImageArrival(round(rng.uniform(0, span_s), 3), "sd15", 20, 1000 + k))
     return sorted(arrivals, key=lambda a: (a.at_s, type(a).__name__))
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 DAY_S = 24 * 3600.0

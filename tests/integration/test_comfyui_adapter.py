@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from gpu_agent.comfyui import ComfyUIController, PromptEvent, PromptRecord
-from gpu_agent.comfyui_state import OOM_REASON, UNKNOWN_REASON
 from gpu_agent.errors import (
     ComfyUIUnavailable,
     OutputNotFound,
@@ -29,6 +28,7 @@ from gpu_agent.sim.gpu import GIB, SimGpu
 from gpu_agent.sim.server import LoopbackServer
 from gpu_agent.sim.workflows import SD15, text_to_image
 from gpu_common import clock
+from gpu_common.schema import OOM_REASON, UNKNOWN_REASON
 from tests.waiting import wait_until
 
 # Flux runs about 2.1 s a step after a 15 s cold load: slow enough to be caught mid-run.
