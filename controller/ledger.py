@@ -76,9 +76,12 @@ class AgentBook:
         return token
 
     def release(self, token: int) -> None:
+        """Drop the promise behind `token`; releasing twice is harmless."""
         self.promised.pop(token, None)
 
     def start_image(self, image: RunningImage, need_bytes: int, comfy_bytes: int) -> None:
+        """An image job was dispatched here, needing `need_bytes` beyond `comfy_bytes` (what
+        ComfyUI holds at dispatch): until ComfyUI's reading grows, the rest counts as pending."""
         self.run = _ImageRun(image, need_bytes, comfy_bytes, comfy_bytes)
 
     def finish_image(self, family: str | None) -> int | None:
@@ -125,6 +128,7 @@ class AgentBook:
             self.comfy_family = None  # nothing of a checkpoint is left in ComfyUI
 
     def touch(self, model: str, now: float) -> None:
+        """`model` served a request at `now` (seconds, the engine's clock): it is not idle."""
         self.used_at[model] = now
 
     def end_request(self, model: str) -> None:
@@ -139,6 +143,7 @@ class AgentBook:
 
 
 def comfy_bytes(status: AgentStatus) -> int | None:
+    """GPU memory ComfyUI holds on all the agent's GPUs; None without a GPU reading."""
     gpus = status.telemetry.gpus
     if not gpus:
         return None

@@ -31,7 +31,9 @@ class HasWallEpoch(Protocol):
 
     wall_epoch: datetime
 
-    def time(self) -> float: ...
+    def time(self) -> float:
+        """Seconds on the loop's clock; `wall_epoch` is the wall-clock instant of 0."""
+        ...
 
 
 # httpx's default: an idle pooled connection is closed after this long.

@@ -47,6 +47,7 @@ class OllamaModelSpec:
 
     @property
     def digest(self) -> str:
+        """A stand-in for the blob's sha256: stable per name, as `/api/tags` lists it."""
         return hashlib.sha256(self.name.encode()).hexdigest()
 
     def required_bytes(self, num_ctx: int, num_parallel: int = 1) -> int:
@@ -269,4 +270,5 @@ class Catalog:
         return self._by_name.get(normalize_model_name(name))
 
     def checkpoint(self, filename: str) -> Checkpoint | None:
+        """The checkpoint with this file name (as in `ckpt_name`), or None if not installed."""
         return next((c for c in self.checkpoints if c.filename == filename), None)

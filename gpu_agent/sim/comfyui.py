@@ -229,6 +229,7 @@ class ComfyUIEmulator:
         return self._memory.loaded_checkpoints()
 
     def running_prompt_id(self) -> str | None:
+        """The prompt executing now; None when idle or while the process is down."""
         return self._proc.executor.running_prompt_id if self._proc else None
 
     def cache_bytes(self) -> int:

@@ -35,7 +35,9 @@ _TRACEBACK = [
 class EventSink(Protocol):
     """Where websocket events go: `sid=None` broadcasts. Must not block."""
 
-    def send(self, event: str, data: dict[str, Any], sid: str | None) -> None: ...
+    def send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+        """Deliver `event` with `data` to client `sid`, or to every client when None."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +66,14 @@ class PromptEvents:
         self._progress: dict[str, dict[str, Any]] = {}
 
     def record(self, event: str, data: dict[str, Any], *, broadcast: bool = False) -> None:
+        """Stamp the event with the prompt id and wall time (ms), keep it, and send it."""
         data = {**data, "prompt_id": self.prompt_id, "timestamp": self._clock.wall_ms()}
         self.messages.append([event, data])
         if self.client_id is not None or broadcast:
             self._sink.send(event, data, self.client_id)
 
     def to_client(self, event: str, data: dict[str, Any]) -> None:
+        """Send to the prompt's own client only, unrecorded; dropped when it has none."""
         if self.client_id is not None:
             self._sink.send(event, {**data, "prompt_id": self.prompt_id}, self.client_id)
 

@@ -20,6 +20,10 @@ class GraphError(Exception):
 
 
 def is_link(value: Any) -> bool:
+    """Whether an input value is a link `[node_id, slot]` rather than a literal value.
+
+    Only the shape is checked: any two-item list reads as a link.
+    """
     return isinstance(value, list) and len(value) == 2
 
 

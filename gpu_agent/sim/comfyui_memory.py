@@ -179,9 +179,11 @@ class ComfyMemory:
     # -- readings --------------------------------------------------------------------------
 
     def free_for_comfy(self) -> int:
+        """Bytes a new allocation could use: free on the GPU plus torch's own cache."""
         return self.gpu.free_bytes() + self.cache_bytes
 
     def weights_bytes(self) -> int:
+        """Bytes of model weights resident on the GPU, all checkpoints and parts together."""
         return sum(model.total_bytes for model in self.models.values())
 
     def torch_reserved_bytes(self) -> int:
@@ -189,9 +191,11 @@ class ComfyMemory:
         return self.weights_bytes() + self.activation_bytes + self.cache_bytes
 
     def loaded_checkpoints(self) -> list[str]:
+        """File names of checkpoints with any part resident, least recently used first."""
         return [name for name, model in self.models.items() if model.total_bytes > 0]
 
     def resident(self, checkpoint: Checkpoint, part: Part) -> int:
+        """Bytes of `part` of `checkpoint` on the GPU now; 0 when not loaded."""
         model = self.models.get(checkpoint.filename)
         return model.parts.get(part, 0) if model else 0
 
@@ -248,11 +252,14 @@ class ComfyMemory:
             model.parts.pop(part, None)
 
     def unload(self, filename: str) -> None:
+        """Drop every part of the checkpoint, giving its bytes back to the driver; a no-op if
+        it is not loaded."""
         model = self.models.pop(filename, None)
         if model is not None:
             self.gpu.release(self.pid, model.total_bytes)
 
     def unload_all(self) -> None:
+        """Unload every checkpoint (ComfyUI's `/free` with `unload_models`)."""
         for filename in list(self.models):
             self.unload(filename)
 

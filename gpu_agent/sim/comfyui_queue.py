@@ -55,6 +55,7 @@ class PromptQueue:
     # -- queue -----------------------------------------------------------------------------
 
     def put(self, item: QueueItem) -> None:
+        """Queue an item; lower `number` runs first, ties by prompt id, as ComfyUI orders."""
         heapq.heappush(self._heap, (item.number, item.prompt_id, next(self._tiebreak), item))
         self._on_update()
         self._wake.set()
@@ -73,9 +74,11 @@ class PromptQueue:
         return [entry[3] for entry in self._heap]
 
     def remaining(self) -> int:
+        """Pending items plus the running one: ComfyUI's `queue_remaining`."""
         return len(self._heap) + (1 if self.running else 0)
 
     def wipe(self) -> None:
+        """Drop every pending item (`/queue` with `clear`); the running one is left alone."""
         self._heap.clear()
         self._on_update()
 
@@ -122,15 +125,18 @@ class PromptQueue:
         return out
 
     def delete_history(self, prompt_id: str) -> None:
+        """Forget one history entry; an unknown id is ignored, as ComfyUI does."""
         self.history.pop(prompt_id, None)
 
     # -- worker wake-ups and flags ---------------------------------------------------------
 
     def set_flag(self, name: str, value: Any) -> None:
+        """Leave the worker a request (`unload_models`, `free_memory`) and wake it."""
         self.flags[name] = value
         self._wake.set()
 
     def take_flags(self) -> dict[str, Any]:
+        """The flags set since the last call, clearing them."""
         flags, self.flags = self.flags, {}
         return flags
 

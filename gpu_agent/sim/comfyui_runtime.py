@@ -70,12 +70,16 @@ class CheckpointRef:
 
 @dataclass(frozen=True, slots=True)
 class Conditioning:
+    """CLIPTextEncode's output: the prompt text, encoded by this checkpoint's CLIP."""
+
     checkpoint: Checkpoint
     text: str
 
 
 @dataclass(frozen=True, slots=True)
 class Latent:
+    """A latent batch in pixel dimensions; `seed` is the sampler's, 0 before sampling."""
+
     width: int
     height: int
     batch: int
@@ -84,6 +88,8 @@ class Latent:
 
 @dataclass(frozen=True, slots=True)
 class Images:
+    """Decoded images (pixels): a gradient keyed by `seed`, or solid 0xRRGGBB `color`."""
+
     width: int
     height: int
     batch: int

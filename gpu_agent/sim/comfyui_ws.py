@@ -56,6 +56,7 @@ class WsHub:
         self._outbox.put_nowait((event, data, sid))
 
     def start(self) -> None:
+        """Start delivering the outbox in order; a no-op when already started."""
         if self._publisher is None:
             self._publisher = asyncio.create_task(self._publish_forever(), name="comfyui-ws-pub")
 

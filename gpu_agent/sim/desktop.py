@@ -101,6 +101,7 @@ class SimDesktop:
         return self.comfyui_server.url
 
     async def start(self) -> None:
+        """Put the desktop session's processes on the GPU, then start Ollama and ComfyUI."""
         for proc in self._desktop_session:
             self.gpu.attach(proc.pid, proc.name, proc.cmdline, compute=False)
             self.gpu.allocate(proc.pid, proc.vram_bytes)
@@ -109,6 +110,7 @@ class SimDesktop:
         await self.comfyui_server.start()
 
     async def stop(self) -> None:
+        """Close both servers and emulators; removes the data directory if it made it."""
         await self.comfyui_server.stop()
         await self.ollama_server.stop()
         await self.comfyui.close()
@@ -141,6 +143,7 @@ class SimDesktop:
         await self.comfyui_server.start()
 
     async def restart_comfyui(self, downtime_real_s: float = 0.0) -> None:
+        """`stop_comfyui()`, stay down `downtime_real_s` seconds, then `start_comfyui()`."""
         await self.stop_comfyui()
         if downtime_real_s > 0:
             await asyncio.sleep(downtime_real_s)
@@ -153,9 +156,11 @@ class SimDesktop:
         await self.ollama_server.stop()
 
     async def start_ollama(self) -> None:
+        """Ollama's server comes back on the same port, with no model loaded."""
         await self.ollama_server.start()
 
     async def restart_ollama(self, downtime_real_s: float = 0.0) -> None:
+        """`stop_ollama()`, stay down `downtime_real_s` seconds, then `start_ollama()`."""
         await self.stop_ollama()
         if downtime_real_s > 0:
             await asyncio.sleep(downtime_real_s)

@@ -33,6 +33,7 @@ class ServerFaults:
 
     @property
     def hung(self) -> bool:
+        """Whether requests are held unanswered by `hang()`."""
         return not self._released.is_set()
 
     def hang(self) -> None:
@@ -40,6 +41,7 @@ class ServerFaults:
         self._released.clear()
 
     def unhang(self) -> None:
+        """Let the held requests, and every later one, proceed."""
         self._released.set()
 
     def fail(
@@ -60,6 +62,7 @@ class ServerFaults:
         self._released.set()
 
     async def wait_released(self) -> None:
+        """Return at once unless hung; else once `unhang()` or `clear()` lets requests through."""
         await self._released.wait()
 
     def take_failure(self) -> int | None:

@@ -83,14 +83,17 @@ class SimGpu:
         return self.spec.total_bytes
 
     def used_bytes(self) -> int:
+        """Bytes allocated by every process together, as NVML's `used` reports."""
         with self._lock:
             return self._used_locked()
 
     def free_bytes(self) -> int:
+        """Bytes no process holds: what the next allocation may take."""
         with self._lock:
             return self.spec.total_bytes - self._used_locked()
 
     def process_bytes(self, pid: int) -> int:
+        """Bytes `pid` holds; 0 for a process not attached."""
         with self._lock:
             proc = self._processes.get(pid)
             return proc.used_bytes if proc else 0
@@ -258,12 +261,15 @@ class SimGpuProbe:
         return "sim"
 
     def driver_version(self) -> str | None:
+        """The first GPU's simulated driver version; None without GPUs."""
         return self._gpus[0].spec.driver_version if self._gpus else None
 
     def read(self) -> list[GpuReading]:
+        """One reading per GPU; raises `ProbeError` while `failing`."""
         if self.failing:
             raise ProbeError("simulated NVML failure: driver not loaded")
         return [gpu.reading() for gpu in self._gpus]
 
     def close(self) -> None:
+        """Nothing to release: the GPUs belong to the simulated desktop."""
         return None

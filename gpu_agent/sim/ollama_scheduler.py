@@ -209,6 +209,7 @@ class OllamaScheduler:
     # -- inspection ------------------------------------------------------------------------
 
     def runners(self) -> list[RunnerInfo]:
+        """The runners Ollama lists now (zombies not included), in load order."""
         now = self._clock.now()
         return [runner.info(now) for runner in self._runners.values()]
 

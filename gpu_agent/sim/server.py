@@ -37,6 +37,7 @@ class LoopbackServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        """Bind and serve (no-op when running); after the first start `port` is the bound one."""
         if self._runner is not None:
             return
         runner = web.AppRunner(
@@ -57,6 +58,7 @@ class LoopbackServer:
         self._runner = runner
 
     async def stop(self) -> None:
+        """Close the socket and every open connection; `start()` binds the same port again."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -26,6 +26,8 @@ PROMPTS = (
 
 @dataclass(frozen=True, slots=True)
 class LlmArrival:
+    """A chat request arriving at `at_s` that asks for `output_tokens` tokens of answer."""
+
     at_s: float
     intent: Intent
     prompt: str
@@ -34,6 +36,8 @@ class LlmArrival:
 
 @dataclass(frozen=True, slots=True)
 class ImageArrival:
+    """A text-to-image job arriving at `at_s`: `steps` sampler steps on an SDXL or SD1.5 model."""
+
     at_s: float
     family: Literal["sdxl", "sd15"]
     steps: int
