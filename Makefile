@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean
 
+# The daemons need neither extra. `report` (rich, matplotlib) draws the demo's and the benchmarks'
+# tables and charts; `dev` (test, lint and type-check tools) includes it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,report]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,6 +22,11 @@ real desktop can generate; a higher speed is a stress test.
 How to read it: "CPU %" is the window's average (100 = one core busy), "max" the busiest
 sampling interval; RSS is the mean over the window and its maximum. The "load" table counts what
 finished inside the window, to show the load was real.
+
+Before the services start, each daemon's modules are imported alone in a fresh interpreter
+(`startup`: seconds and RSS after the imports, the best of `IMPORT_RUNS`), which is what `run`
+pays before it listens. `targets` compares the bare agent's idle figures with what it may use on a
+desktop between requests (`TARGETS`) and says whether each is met.
 """
 
 from __future__ import annotations
@@ -61,6 +66,29 @@ DRAIN_TIMEOUT_S = 30.0
 GENERATION_TOKENS = 64
 OUTPUT_LINES_KEPT = 40
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted", "unknown"})
+
+# What the bare agent may use while idle, sampling its GPU once a second: (process, figure, limit).
+TARGETS: dict[str, tuple[str, str, float]] = {
+    "agent_idle_rss_mib": ("agent", "rss_mib_mean", 45.0),
+    "agent_idle_cpu_pct": ("agent", "cpu_pct_mean", 0.5),
+}
+# The modules each daemon imports before it serves, entry point first (as its command does).
+DAEMON_MODULES = {
+    "agent": ("gpu_agent.cli", "gpu_agent.daemon"),
+    "controller": ("controller.cli", "controller.daemon"),
+}
+IMPORT_RUNS = 3
+IMPORT_TIMEOUT_S = 60.0
+_IMPORT_PROBE = """
+import sys, time
+started = time.perf_counter()
+import {modules}
+elapsed = time.perf_counter() - started
+with open("/proc/self/statm") as statm:
+    rss_pages = int(statm.read().split()[1])
+import os
+print(elapsed, rss_pages * os.sysconf("SC_PAGE_SIZE"), len(sys.modules))
+"""
 
 _LISTENING = re.compile(r"listening on (http://\S+)")
 _SIM_URL = re.compile(r"^(ollama|comfyui)\s+(http://\S+)")
@@ -305,6 +333,48 @@ async def sample_usage(
     }
 
 
+async def _import_once(modules: Sequence[str]) -> tuple[float, float, int]:
+    """(seconds, RSS MiB, modules loaded) of importing `modules` in a fresh interpreter."""
+    code = _IMPORT_PROBE.format(modules=", ".join(modules))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
+    async with asyncio.timeout(IMPORT_TIMEOUT_S):
+        out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"importing {', '.join(modules)} failed:\n{err.decode()}")
+    seconds, rss_bytes, loaded = out.split()
+    return float(seconds), int(rss_bytes) / MIB, int(loaded)
+
+
+async def measure_imports(runs: int = IMPORT_RUNS) -> dict[str, dict[str, float]]:
+    """Each daemon's start-up imports, one at a time, the best of `runs` (the least disturbed)."""
+    startup: dict[str, dict[str, float]] = {}
+    for daemon, modules in DAEMON_MODULES.items():
+        results = [await _import_once(modules) for _ in range(runs)]
+        seconds, rss_mib, loaded = min(results)
+        startup[daemon] = {"import_s": seconds, "import_rss_mib": rss_mib, "modules": loaded}
+    return startup
+
+
+def check_targets(processes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each of `TARGETS` with its limit, the measured idle figure and whether it is met."""
+    return {
+        name: {
+            "limit": limit,
+            "measured": processes[process]["idle"][figure],
+            "met": processes[process]["idle"][figure] <= limit,
+        }
+        for name, (process, figure, limit) in TARGETS.items()
+    }
+
+
 # -- load ---------------------------------------------------------------------------------------
 
 
@@ -485,6 +555,28 @@ def _print(figures: Mapping[str, Any]) -> None:
             for route, t in figures["load"].items()
         ],
     )
+    table(
+        f"Start-up imports, in a fresh interpreter (best of {IMPORT_RUNS})",
+        ["daemon", "imports", "modules loaded", "seconds", "RSS MiB after"],
+        [
+            [
+                name,
+                ", ".join(DAEMON_MODULES[name]),
+                f["modules"],
+                f["import_s"],
+                f["import_rss_mib"],
+            ]
+            for name, f in figures["startup"].items()
+        ],
+    )
+    table(
+        f"Targets: the bare agent idle, sampled every {config['interval_s']:g} s",
+        ["target", "limit", "measured", "met"],
+        [
+            [name, t["limit"], t["measured"], "yes" if t["met"] else "NO"]
+            for name, t in figures["targets"].items()
+        ],
+    )
 
 
 async def run(
@@ -498,6 +590,8 @@ async def run(
 ) -> dict[str, Any]:
     """Start the four processes, sample them idle and under load, print and record
     `footprint`."""
+    # Before any service runs, so the imports have the machine to themselves.
+    startup = await measure_imports()
     async with contextlib.AsyncExitStack() as stack:
         data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fp-")))
         group = await stack.enter_async_context(ChildGroup())
@@ -537,8 +631,10 @@ async def run(
             name: {"idle": asdict(idle[name]), "load": asdict(load[name])} for name in pids
         },
         "load": {route: asdict(tally) for route, tally in tallies.items()},
+        "startup": startup,
     }
     figures["processes"]["agent"]["telemetry"] = status["telemetry"]["status"]
+    figures["targets"] = check_targets(figures["processes"])
     _print(figures)
     if save:
         record("footprint", figures)

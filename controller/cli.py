@@ -32,6 +32,11 @@ from gpu_common.layered_settings import read_token_file
 
 log = logging.getLogger("controller")
 
+# httpx imports its own command-line client, and with it click, rich and pygments, whenever
+# they happen to be installed (celery brings click, the report extra rich). This process never
+# runs that client: marked absent, httpx skips it and the daemon stays without them.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 TOKEN_ENV = ENV_PREFIX + "TOKEN"
 DEFAULT_STATUS_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -57,6 +62,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `gpu-controller` parser with its `run` and `status` subcommands."""
     parser = argparse.ArgumentParser(
         prog="gpu-controller",
         description="Schedules LLM requests and image jobs across GPU agents.",
@@ -215,6 +221,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `gpu-controller` command; returns the process exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     if args.command == "run":
         # A Ctrl+C before the signal handlers are installed (during start-up) is a clean stop.

@@ -35,6 +35,12 @@ SAMPLE_SIM_S = 1.0
 
 @dataclass
 class Sample:
+    """One reading of the desktop, every `SAMPLE_SIM_S`: GPU memory by owner (GiB) and load.
+
+    `t_s` is simulated seconds since the run began; "desktop" is every process that is neither
+    Ollama nor ComfyUI.
+    """
+
     t_s: float
     desktop_gib: float
     ollama_gib: float
@@ -46,6 +52,8 @@ class Sample:
 
 @dataclass
 class Tally:
+    """The run so far, for the live view and the closing summary. Durations are simulated s."""
+
     llm_done: list[tuple[str, str, float]] = field(default_factory=list)  # intent, model, s
     llm_failed: list[str] = field(default_factory=list)
     llm_running: int = 0

@@ -1,20 +1,19 @@
 """`gpu-controller status`: fetch the fleet view and print it as tables (adapter layer).
 
 `fetch_fleet` is the one place where HTTP failures become the controller's error tree;
-`render_fleet` only formats a validated `FleetInfo`.
+`render_fleet` only formats a validated `FleetInfo`, with rich when it is installed, else as plain
+text (`Screen`).
 """
 
 from __future__ import annotations
 
 import httpx
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from controller.errors import ControllerError
 from controller.schema import AgentInfo, FleetInfo, JobStateName
 from gpu_common.errors import Unauthorized
+from gpu_common.tables import Column, Part, Screen, TextTable
 
 GIB = 1024**3
 # Error bodies are quoted into messages; a misbehaving server must not flood the terminal.
@@ -65,11 +64,11 @@ def _gib(value_bytes: int) -> str:
     return f"{value_bytes / GIB:.2f}"
 
 
-def _health(agent: AgentInfo) -> str:
+def _health(agent: AgentInfo) -> Part:
     if agent.healthy:
-        return "[green]healthy[/]"
+        return ("healthy", "green")
     reason = agent.reason or ("not connected" if not agent.connected else "unhealthy")
-    return f"[red]{escape(reason)}[/]"
+    return (reason, "red")
 
 
 def _gpu_memory(agent: AgentInfo) -> str:
@@ -92,7 +91,7 @@ def _resident(agent: AgentInfo) -> str:
     if not agent.resident:
         return "-"
     return "\n".join(
-        escape(model.name) + (" (CPU spill)" if model.offloaded else "") for model in agent.resident
+        model.name + (" (CPU spill)" if model.offloaded else "") for model in agent.resident
     )
 
 
@@ -102,61 +101,66 @@ def _job_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{state} {counts[state]}" for state in ordered) or "none"
 
 
-def render_fleet(fleet: FleetInfo, console: Console | None = None) -> None:
+def render_fleet(fleet: FleetInfo, screen: Screen | None = None) -> None:
     """Print the agents, the held image jobs with their reasons, and the job counts."""
-    console = console or Console()
+    screen = screen or Screen()
     healthy = sum(1 for agent in fleet.agents if agent.healthy)
-    console.print(
-        f"[bold]{len(fleet.agents)} agents[/], {healthy} healthy; "
-        f"jobs: {_job_counts(fleet.jobs_by_state)}"
+    screen.line(
+        (f"{len(fleet.agents)} agents", "bold"),
+        f", {healthy} healthy; jobs: {_job_counts(fleet.jobs_by_state)}",
     )
 
     # Two tables of at most six columns rather than one of nine, so both fit 80 columns.
-    agents = Table(title="Agents (memory in GiB)", title_justify="left")
-    agents.add_column("agent", no_wrap=True)
-    agents.add_column("health")
-    agents.add_column("age", no_wrap=True)
-    agents.add_column("GPU used/total", no_wrap=True)
-    agents.add_column("free in ledger")
-    agents.add_column("draining", no_wrap=True)
+    agents = TextTable.of(
+        "Agents (memory in GiB)",
+        Column("agent", no_wrap=True),
+        "health",
+        Column("age", no_wrap=True),
+        Column("GPU used/total", no_wrap=True),
+        "free in ledger",
+        Column("draining", no_wrap=True),
+    )
     for agent in fleet.agents:
         agents.add_row(
-            escape(agent.name),
+            agent.name,
             _health(agent),
             "-" if agent.age_s is None else f"{agent.age_s:.1f} s",
             _gpu_memory(agent),
             _ledger_free(agent),
-            "[yellow]draining[/]" if agent.draining else "no",
+            ("draining", "yellow") if agent.draining else "no",
         )
-    console.print(agents)
+    screen.table(agents)
 
-    work = Table(title="Models and images", title_justify="left")
-    work.add_column("agent", no_wrap=True)
-    work.add_column("resident models")
-    work.add_column("ComfyUI", no_wrap=True)
-    work.add_column("image running")
+    work = TextTable.of(
+        "Models and images",
+        Column("agent", no_wrap=True),
+        "resident models",
+        Column("ComfyUI", no_wrap=True),
+        "image running",
+    )
     for agent in fleet.agents:
         work.add_row(
-            escape(agent.name),
+            agent.name,
             _resident(agent),
-            escape(agent.comfyui_connection or "-"),
-            escape(agent.image_running or "-"),
+            agent.comfyui_connection or "-",
+            agent.image_running or "-",
         )
-    console.print(work)
+    screen.table(work)
 
     if not fleet.held_jobs:
-        console.print("No held image jobs.")
+        screen.line("No held image jobs.")
         return
-    held = Table(title="Held image jobs", title_justify="left")
-    for column in ("job", "waiting", "GiB", "family"):
-        held.add_column(column, no_wrap=True)
-    held.add_column("reason")
+    held = TextTable.of(
+        "Held image jobs",
+        *(Column(header, no_wrap=True) for header in ("job", "waiting", "GiB", "family")),
+        "reason",
+    )
     for job in fleet.held_jobs:
         held.add_row(
-            escape(job.id),
+            job.id,
             f"{job.waiting_s:.0f} s",
             "-" if job.vram_bytes is None else _gib(job.vram_bytes),
-            escape(job.family or "-"),
-            escape(job.reason),
+            job.family or "-",
+            job.reason,
         )
-    console.print(held)
+    screen.table(held)

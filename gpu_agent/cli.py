@@ -33,6 +33,11 @@ TOKEN_ENV = "GPU_AGENT_TOKEN"
 
 log = logging.getLogger("gpu_agent")
 
+# httpx imports its own command-line client, and with it click, rich and pygments, whenever
+# they happen to be installed (celery brings click, the report extra rich). This process never
+# runs that client: marked absent, httpx skips it and the daemon stays without them.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 
 def _positive_float(text: str) -> float:
     value = float(text)
@@ -49,6 +54,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `gpu-agent` parser with its `run`, `sim` and `status` subcommands."""
     parser = argparse.ArgumentParser(
         prog="gpu-agent",
         description="GPU desktop agent: telemetry and control of Ollama and ComfyUI.",
@@ -220,6 +226,7 @@ def _show_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `gpu-agent` command: `run`, `sim` or `status`; returns the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         # `status` prints a report on stdout; only problems belong on stderr there.

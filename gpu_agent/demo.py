@@ -23,6 +23,7 @@ from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SDXL, text_to_image
 from gpu_agent.status_view import render_status
 from gpu_common import clock
+from gpu_common.tables import Screen
 from gpu_common.virtual_time import run_virtual
 
 GIB = 1024**3
@@ -47,7 +48,8 @@ async def wait_prompt(agent: httpx.AsyncClient, prompt_id: str) -> dict[str, Any
 async def status(agent: httpx.AsyncClient, console: Console) -> None:
     from gpu_common.schema import AgentStatus
 
-    render_status(AgentStatus.model_validate_json((await agent.get("/v1/status")).content), console)
+    current = AgentStatus.model_validate_json((await agent.get("/v1/status")).content)
+    render_status(current, Screen(console=console))
 
 
 async def run(console: Console, out_dir: Path) -> None:

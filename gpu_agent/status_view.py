@@ -1,21 +1,23 @@
-"""`gpu-agent status`: fetch an agent's status and print it as tables (adapter layer)."""
+"""`gpu-agent status`: fetch an agent's status and print it as tables (adapter layer).
+
+The tables are drawn with rich when it is installed, else printed as plain text (`Screen`).
+"""
 
 from __future__ import annotations
 
 import httpx
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from gpu_agent.errors import GpuAgentError
 from gpu_common.errors import Unauthorized
 from gpu_common.schema import AgentStatus
+from gpu_common.tables import Screen, TextTable
 
 GIB = 1024**3
 
 
 def fetch_status(url: str, *, token: str | None, timeout_s: float) -> AgentStatus:
+    """GET `{url}/v1/status` (blocking). Raises `Unauthorized` on 401, else `GpuAgentError`."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.get(f"{url.rstrip('/')}/v1/status", headers=headers, timeout=timeout_s)
@@ -41,22 +43,24 @@ def _opt(value: object, unit: str = "") -> str:
     return "-" if value is None else f"{value}{unit}"
 
 
-def render_status(status: AgentStatus, console: Console | None = None) -> None:
-    console = console or Console()
+def render_status(status: AgentStatus, screen: Screen | None = None) -> None:
+    """Print the status as a headline and tables (GPUs, Ollama, ComfyUI) to the screen."""
+    screen = screen or Screen()
     tel = status.telemetry
     age = f"{tel.age_s:.1f} s old" if tel.age_s is not None else "no sample"
     reason = f" ({tel.reason})" if tel.reason else ""
-    console.print(
-        f"[bold]{escape(status.agent)}[/] agent {status.version}; "
-        f"telemetry {tel.status}{escape(reason)}, {age}"
+    screen.line(
+        (status.agent, "bold"),
+        f" agent {status.version}; telemetry {tel.status}{reason}, {age}",
     )
     # Names go on their own lines: as a table column they would wrap in 80 columns.
     for gpu in tel.gpus:
         driver = f", driver {tel.driver_version}" if tel.driver_version else ""
-        console.print(f"GPU {gpu.index}: [bold]{escape(gpu.name)}[/] ({tel.backend}{driver})")
-    gpus = Table(title="GPU memory (GiB) and load", title_justify="left")
-    for column in ("#", "used", "total", "ollama", "comfyui", "other", "util", "temp", "power"):
-        gpus.add_column(column)
+        screen.line(f"GPU {gpu.index}: ", (gpu.name, "bold"), f" ({tel.backend}{driver})")
+    gpus = TextTable.of(
+        "GPU memory (GiB) and load",
+        *("#", "used", "total", "ollama", "comfyui", "other", "util", "temp", "power"),
+    )
     for gpu in tel.gpus:
         owners = gpu.memory_by_owner_bytes
         gpus.add_row(
@@ -70,12 +74,12 @@ def render_status(status: AgentStatus, console: Console | None = None) -> None:
             _opt(gpu.temperature_c, " °C"),
             "-" if gpu.power_w is None else f"{gpu.power_w:.0f}/{gpu.power_limit_w or 0:.0f} W",
         )
-    console.print(gpus)
+    screen.table(gpus)
     ollama = status.ollama
     state = f"up {ollama.version or ''}" if ollama.reachable else f"DOWN: {ollama.error or '?'}"
-    models = Table(title=f"Ollama ({escape(state)})", title_justify="left")
-    for column in ("model", "size GiB", "on GPU GiB", "context", "in flight", "expires"):
-        models.add_column(column)
+    models = TextTable.of(
+        f"Ollama ({state})", "model", "size GiB", "on GPU GiB", "context", "in flight", "expires"
+    )
     for model in ollama.resident:
         models.add_row(
             model.name,
@@ -85,16 +89,14 @@ def render_status(status: AgentStatus, console: Console | None = None) -> None:
             str(model.in_flight),
             model.expires_at.isoformat(timespec="seconds") if model.expires_at else "-",
         )
-    console.print(models)
+    screen.table(models)
     comfy = status.comfyui
-    console.print(
+    screen.line(
         f"ComfyUI: {'up' if comfy.reachable else 'DOWN'} via {comfy.connection}; "
         f"queue {comfy.queue_running} running, {comfy.queue_pending} pending"
     )
     if comfy.prompts:
-        prompts = Table(title="Prompts", title_justify="left")
-        for column in ("id", "state", "progress", "reason"):
-            prompts.add_column(column)
+        prompts = TextTable.of("Prompts", "id", "state", "progress", "reason")
         for prompt in comfy.prompts[-10:]:
             progress = (
                 f"{prompt.step}/{prompt.steps}"
@@ -102,4 +104,4 @@ def render_status(status: AgentStatus, console: Console | None = None) -> None:
                 else f"{prompt.nodes_done}/{prompt.nodes_total}"
             )
             prompts.add_row(prompt.prompt_id[:8], prompt.state, progress, prompt.reason or "")
-        console.print(prompts)
+        screen.table(prompts)
