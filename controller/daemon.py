@@ -27,6 +27,8 @@ STORE_FILE = "jobs.sqlite3"
 
 @dataclass
 class RunningController:
+    """A started controller: its engine, and the URL its HTTP server listens on."""
+
     engine: Engine
     url: str
 

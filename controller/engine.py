@@ -5,28 +5,30 @@ agent's state (`ledger.agent_state`), calls the pure core with plain values and 
 the decision through the agent links, and logs the reason. Planning happens under one lock, and
 every decision promises its memory in the ledger before the lock is released, so two decisions
 never spend the same free bytes.
+
+The engine composes the parts: the agents (`Fleet`), the learned knowledge, and the two
+schedulers, each built from what it uses (`LlmRouter`, `ImageScheduler`); neither knows the
+engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from controller.agents import AgentLink
 from controller.domain.types import AgentState, ModelProfile
-from controller.errors import AgentError
+from controller.fleet import Fleet
+from controller.images import ImageScheduler
 from controller.knowledge import Knowledge
-from controller.ledger import AgentBook, agent_state
+from controller.llm import LlmRouter
 from controller.pulse import Pulse
 from controller.schema import AgentInfo, FleetInfo, HeldJobInfo, ModelInfo, ModelsInfo
 from controller.settings import ControllerSettings
 from controller.store import AsyncJobStore
 from gpu_common import clock as clock_mod
 from gpu_common.schema import AgentEvent, AgentStatus, AvailableModelInfo
-
-log = logging.getLogger(__name__)
 
 
 def service_trouble(status: AgentStatus | None) -> str | None:
@@ -43,7 +45,9 @@ def service_trouble(status: AgentStatus | None) -> str | None:
 
 
 class Engine:
-    """Owns the agent links, the ledger and the learned knowledge; hosts the two schedulers."""
+    """Composes the controller: the agents (`fleet`: links and ledger books), the learned
+    knowledge and the two schedulers built from them; routes the agents' events to them and
+    answers the fleet and model views."""
 
     def __init__(
         self,
@@ -53,18 +57,15 @@ class Engine:
         clock: Callable[[], float] = clock_mod.monotonic_s,
         wall: Callable[[], datetime] = clock_mod.utc_now,
     ) -> None:
-        from controller.images import ImageScheduler
-        from controller.llm import LlmRouter
-
         self.settings = settings
         self.store = store
         self.clock = clock
         self.wall = wall
         self.policy = settings.policy_config()
         self.knowledge = Knowledge(store, settings.quality)
-        self.links: dict[str, AgentLink] = {}
+        links: dict[str, AgentLink] = {}
         for endpoint in settings.agents:
-            self.links[endpoint.name] = AgentLink(
+            links[endpoint.name] = AgentLink(
                 endpoint.name,
                 endpoint.url,
                 settings.agent_token(endpoint),
@@ -74,24 +75,53 @@ class Engine:
                 on_event=self._on_agent_event,
                 monotonic=clock,
             )
-        self.books = {name: AgentBook(name) for name in self.links}
+        self.fleet = Fleet(links, reserve_bytes=settings.reserve_bytes)
+        self.links = self.fleet.links
+        self.books = self.fleet.books
         # Per agent, the link's stream count at its latest snapshot (see `_on_agent_event`).
         self._streams_seen = {name: 0 for name in self.links}
+        # One planning lock for both schedulers: no two decisions spend the same free bytes.
         self.plan_lock = asyncio.Lock()
-        # Actions on one agent (unloads, frees, loads) run one at a time, in decision order.
-        self.action_locks = {name: asyncio.Lock() for name in self.links}
         self.pulse = Pulse()
-        self.decisions = 0
-        self.llm = LlmRouter(self)
-        self.images = ImageScheduler(self)
+        self.llm = LlmRouter(
+            self.fleet,
+            self.knowledge,
+            catalog=self.catalog,
+            policy=self.policy,
+            plan_lock=self.plan_lock,
+            pulse=self.pulse,
+            clock=clock,
+            wait_s=settings.llm_wait_s,
+        )
+        self.images = ImageScheduler(
+            store,
+            self.fleet,
+            self.knowledge,
+            policy=self.policy,
+            plan_lock=self.plan_lock,
+            pulse=self.pulse,
+            clock=clock,
+            wall=wall,
+            llm_waiting_since=self.llm.waiting_since,
+            outputs_dir=settings.data_dir / "outputs",
+            tick_interval_s=settings.tick_interval_s,
+            max_attempts=settings.max_image_attempts,
+        )
+
+    @property
+    def decisions(self) -> int:
+        """Plans made so far, LLM selections and image admission passes together."""
+        return self.llm.decisions + self.images.decisions
 
     async def start(self) -> None:
+        """Load what was learned, connect to the agents, resume the image jobs."""
         await self.knowledge.load()
         for link in self.links.values():
             await link.start()
         await self.images.start()
 
     async def stop(self) -> None:
+        """Stop the image scheduler, then the agent links."""
         await self.images.stop()
         for link in self.links.values():
             await link.stop()
@@ -111,41 +141,27 @@ class Engine:
             self.images.on_prompt(agent, event.prompt)
         self.pulse.fire()
 
-    def state_of(self, name: str, now: float) -> AgentState:
-        link = self.links[name]
-        healthy, reason = link.health()
-        return agent_state(
-            self.books[name],
-            link.status,
-            healthy=healthy,
-            reason=reason,
-            reserve_bytes=self.settings.reserve_bytes,
-            now=now,
-        )
-
-    async def refresh(self, name: str) -> None:
-        """Read agent `name`'s status now, after an action changed it; the next snapshot
-        serves if it cannot be read."""
-        try:
-            await self.links[name].refresh()
-        except AgentError as exc:
-            log.info("status of %s not refreshed: %s", name, exc)
-
     def states(self, now: float) -> list[AgentState]:
-        return [self.state_of(name, now) for name in sorted(self.links)]
+        """Every agent's state at `now`, by name."""
+        return self.fleet.states(now)
 
     def available(self) -> Iterable[AvailableModelInfo]:
+        """Every model the agents' Ollama offer, agent by agent (a model may repeat)."""
         for name in sorted(self.links):
             status = self.links[name].status
             if status is not None:
                 yield from status.ollama.available
 
     def catalog(self) -> dict[str, ModelProfile]:
-        return self.knowledge.catalog(self.available())
+        """One profile per model any agent offers, from what has been learned of it."""
+        # The latest status objects say whether a snapshot came since the last catalogue.
+        snapshots = [self.links[name].status for name in sorted(self.links)]
+        return self.knowledge.catalog(self.available(), snapshots=snapshots)
 
     # -- views ----------------------------------------------------------------------------
 
     def models_info(self) -> ModelsInfo:
+        """The model catalogue as the API shows it: what is believed and measured of each."""
         catalog = self.catalog()
         now = self.clock()
         states = self.states(now)
@@ -178,6 +194,7 @@ class Engine:
         return ModelsInfo(models=models, image_footprints_bytes=dict(self.knowledge.image_peaks))
 
     def fleet_info(self) -> FleetInfo:
+        """The agents and the held image jobs as the API shows them."""
         now = self.clock()
         agents = []
         for state in self.states(now):

@@ -7,6 +7,10 @@ on; a reconcile pass asks the agent directly about any job that has been quiet, 
 an agent restart or a controller restart never loses a job. The prompt id sent to the agent is
 fixed per attempt (`attempt_prompt_id`) and the agent looks it up in ComfyUI before posting it
 again, so no attempt runs twice.
+
+What each event does to a job is decided in the core (`controller.domain.image_jobs.transition`)
+and returned as actions; this module gathers the events, performs the actions and keeps one
+`TrackedJob` per unfinished job.
 """
 
 from __future__ import annotations
@@ -18,23 +22,52 @@ import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller.domain.admission import Admit, plan_images
 from controller.domain.footprints import ImageKey
-from controller.domain.types import ImageJob, RunningImage
+from controller.domain.image_jobs import (
+    Admitted,
+    AgentGone,
+    CancelAtAgent,
+    CancelRequested,
+    Dispatch,
+    DispatchFailed,
+    Event,
+    FetchOutputs,
+    Forget,
+    GiveBack,
+    GrowFootprint,
+    ImageJobState,
+    JobUpdate,
+    PromptNews,
+    ReleaseRun,
+    Requeue,
+    Retry,
+    RoomMade,
+    Store,
+    Submit,
+    SubmitAnswered,
+    Transition,
+    Unplaceable,
+    WorkflowRejected,
+    oom_footprint,
+    transition,
+)
+from controller.domain.types import ImageJob, PolicyConfig, RunningImage
 from controller.domain.workflows import image_key
 from controller.errors import AgentError, AgentRejected
+from controller.fleet import Fleet
+from controller.knowledge import Knowledge
 from controller.pulse import Pulse
 from controller.schema import ImageJobInfo, ProgressInfo
-from controller.store import UNSET, JobRecord, JobState, Unset
+from controller.store import UNSET, AsyncJobStore, JobRecord
 from gpu_common.errors import BadRequest, Conflict, NotFound
-from gpu_common.schema import FINAL_STATES, OOM_REASON, PromptInfo
-
-if TYPE_CHECKING:
-    from controller.engine import Engine
+from gpu_common.schema import OOM_REASON, PromptInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +75,6 @@ log = logging.getLogger(__name__)
 QUIET_S = 2.0
 # How often the reconcile pass runs.
 RECONCILE_EVERY_S = 1.0
-# After an out-of-memory failure the job's footprint is raised by this factor before a retry.
-OOM_GROWTH = 1.25
 
 
 def attempt_prompt_id(record: JobRecord) -> str:
@@ -65,45 +96,114 @@ def _safe_name(filename: str) -> str:
     return name if name.strip(".") else "output"
 
 
+@dataclass(eq=False)
+class TrackedJob:
+    """What the scheduler keeps in memory of one unfinished image job.
+
+    `record` is the latest stored record (a held job's reason is refreshed in memory on every
+    pass, not written); `progress` the latest progress its agent reported; `last_news_at` when
+    the agent last spoke of it (minus infinity: ask at once); `cancelling` whether the caller
+    asked to cancel it while it was out at an agent. News of the job is applied under `lock`, one
+    event at a time. `prompt_ids` are the ids its attempts were sent under.
+    """
+
+    record: JobRecord
+    progress: ProgressInfo | None = None
+    last_news_at: float = -math.inf
+    cancelling: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    prompt_ids: set[str] = field(default_factory=set)
+
+    def view(self) -> ImageJobState:
+        """The job as the core's transitions see it."""
+        return _view(self.record, cancelling=self.cancelling)
+
+
+def _view(record: JobRecord, *, cancelling: bool = False) -> ImageJobState:
+    return ImageJobState(
+        job_id=record.job_id,
+        state=record.state,
+        reason=record.reason,
+        attempts=record.attempts,
+        agent=record.agent,
+        family=record.family,
+        prompt_id=attempt_prompt_id(record),
+        cancelling=cancelling,
+    )
+
+
 class ImageScheduler:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._jobs: dict[str, JobRecord] = {}
-        self._progress: dict[str, ProgressInfo] = {}
+    """The durable image job queue: admission under the planning lock, dispatch to agents,
+    following each job to its end.
+
+    Built from what it uses: the job `store`, the agents (`fleet`), the learned footprints
+    (`knowledge`), the admission `policy`, the `plan_lock` and `pulse` it shares with the LLM
+    router, the `clock` and `wall` clock, and `llm_waiting_since`, which says since when the
+    longest-waiting LLM request has waited for room (None: none waits). Finished jobs' files go
+    under `outputs_dir`; the scheduling loop runs at least every `tick_interval_s`, and a job is
+    dispatched at most `max_attempts` times.
+    """
+
+    def __init__(
+        self,
+        store: AsyncJobStore,
+        fleet: Fleet,
+        knowledge: Knowledge,
+        *,
+        policy: PolicyConfig,
+        plan_lock: asyncio.Lock,
+        pulse: Pulse,
+        clock: Callable[[], float],
+        wall: Callable[[], datetime],
+        llm_waiting_since: Callable[[], float | None],
+        outputs_dir: Path,
+        tick_interval_s: float,
+        max_attempts: int,
+    ) -> None:
+        self._store = store
+        self._fleet = fleet
+        self._knowledge = knowledge
+        self._policy = policy
+        self._plan_lock = plan_lock
+        self._pulse = pulse
+        self._clock = clock
+        self._wall = wall
+        self._llm_waiting_since = llm_waiting_since
+        self._tick_interval_s = tick_interval_s
+        self._max_attempts = max_attempts
+        self.outputs_dir = outputs_dir
+        self._jobs: dict[str, TrackedJob] = {}
+        # Which job each prompt id sent to an agent belongs to.
         self._by_prompt: dict[str, str] = {}
-        self._last_news: dict[str, float] = {}
-        self._cancelling: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
         self._counts: Counter[str] = Counter()
-        # Last state written per unfinished job, in the order the store applied the writes.
-        self._states: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._reconcile_soon = False
-        self.outputs_dir = engine.settings.data_dir / "outputs"
+        # Admission plans made, for the metrics.
+        self.decisions = 0
         self.changes = Pulse()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        engine = self._engine
-        self._counts = Counter(await engine.store.counts())
-        now = engine.clock()
-        for record in await engine.store.unfinished():
-            self._jobs[record.job_id] = record
-            self._by_prompt[attempt_prompt_id(record)] = record.job_id
-            if record.state in ("dispatched", "running") and record.agent in engine.books:
-                # Hold its memory until the agent tells us how it ended; ask it at once.
+        """Resume the unfinished jobs from the store and start the scheduling loop."""
+        self._counts = Counter(await self._store.counts())
+        now = self._clock()
+        for record in await self._store.unfinished():
+            self._track(record)
+            if record.state in ("dispatched", "running") and record.agent in self._fleet.books:
+                # Hold its memory until the agent tells us how it ended; ask it at once (a new
+                # `TrackedJob` has had no news).
                 peak = self.expected_peak(record)
-                engine.books[record.agent].start_image(
+                self._fleet.books[record.agent].start_image(
                     RunningImage(record.job_id, peak, record.family or "none", now), peak, 0
                 )
-                self._last_news[record.job_id] = -math.inf
         if self._jobs:
             log.info("resuming %d unfinished image jobs", len(self._jobs))
         self._loop = asyncio.create_task(self._run(), name="image-scheduler")
 
     async def stop(self) -> None:
+        """Stop the scheduling loop and every dispatch or follow-up under way."""
         tasks = [t for t in (self._loop, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -115,52 +215,66 @@ class ImageScheduler:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # A dispatch or follow-up that failed unexpectedly is logged here, with its traceback,
+        # not left to asyncio's "exception was never retrieved" at garbage collection.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("image scheduler task failed: %r", exc, exc_info=exc)
 
     async def _run(self) -> None:
-        engine = self._engine
         last_reconcile = -math.inf
         while True:
-            mark = engine.pulse.mark()
+            mark = self._pulse.mark()
             try:
                 await self._schedule()
-                if self._reconcile_soon or engine.clock() - last_reconcile >= RECONCILE_EVERY_S:
+                if self._reconcile_soon or self._clock() - last_reconcile >= RECONCILE_EVERY_S:
                     self._reconcile_soon = False
-                    last_reconcile = engine.clock()
+                    last_reconcile = self._clock()
                     await self._reconcile()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("image scheduling pass failed; trying again")
-            await engine.pulse.wait(engine.settings.tick_interval_s, mark)
+            await self._pulse.wait(self._tick_interval_s, mark)
 
     # -- queries --------------------------------------------------------------------------
 
     def held(self) -> list[JobRecord]:
+        """The jobs waiting for GPU memory, oldest first."""
         return sorted(
-            (r for r in self._jobs.values() if r.state == "held"),
+            (t.record for t in self._jobs.values() if t.record.state == "held"),
             key=lambda r: (r.created_at, r.job_id),
         )
 
     def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (states with none left out)."""
         return {state: n for state, n in sorted(self._counts.items()) if n}
 
     def key_of(self, record: JobRecord) -> ImageKey:
+        """The kind of image the job makes, which its learned footprint is kept under."""
         return ImageKey(
             record.family or "none", record.width or 1024, record.height or 1024, record.batch or 1
         )
 
     def expected_peak(self, record: JobRecord) -> int:
-        return self._engine.knowledge.image_peak(self.key_of(record), record.vram_hint_bytes)[0]
+        """The memory the job is expected to need at its peak, in bytes."""
+        return self._knowledge.image_peak(self.key_of(record), record.vram_hint_bytes)[0]
 
     async def get(self, job_id: str) -> JobRecord:
-        record = self._jobs.get(job_id) or await self._engine.store.get(job_id)
+        """The job's latest record; `NotFound` if there is no such job."""
+        tracked = self._jobs.get(job_id)
+        record = tracked.record if tracked is not None else await self._store.get(job_id)
         if record is None:
             raise NotFound(f"no image job {job_id}")
         return record
 
     def info(self, record: JobRecord) -> ImageJobInfo:
-        progress = self._progress.get(record.job_id)
+        """The job as the API shows it, with its latest progress."""
+        tracked = self._jobs.get(record.job_id)
+        progress = tracked.progress if tracked is not None else None
         if progress is None and record.progress:
             progress = ProgressInfo.model_validate(record.progress)
         return ImageJobInfo(
@@ -179,6 +293,7 @@ class ImageScheduler:
         )
 
     def output_path(self, record: JobRecord, index: int) -> Path:
+        """Where output file `index` of a finished job is kept; `NotFound` past its outputs."""
         if not 0 <= index < len(record.outputs):
             raise NotFound(f"job {record.job_id} has {len(record.outputs)} outputs, not #{index}")
         return self.outputs_dir / record.job_id / record.outputs[index]
@@ -202,14 +317,15 @@ class ImageScheduler:
     async def submit(
         self, workflow: dict[str, Any], *, vram_hint_bytes: int | None, priority: int
     ) -> JobRecord:
+        """Store a new job, held until the admission policy places it; `BadRequest` for a
+        workflow whose nodes are malformed."""
         for node_id, node in workflow.items():
             if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
                 raise BadRequest(f"workflow node {node_id!r} has no class_type")
             if not isinstance(node.get("inputs", {}), dict):
                 raise BadRequest(f"workflow node {node_id!r}: inputs must be an object")
         key = image_key(workflow)
-        engine = self._engine
-        record = await engine.store.create(
+        record = await self._store.create(
             workflow=workflow,
             vram_hint_bytes=vram_hint_bytes,
             priority=priority,
@@ -218,31 +334,32 @@ class ImageScheduler:
             width=key.width,
             height=key.height,
             batch=key.batch,
-            now=engine.wall(),
+            now=self._wall(),
         )
-        self._jobs[record.job_id] = record
-        self._by_prompt[record.prompt_id] = record.job_id
+        self._track(record)
         self._counts[record.state] += 1
-        peak, source = engine.knowledge.image_peak(key, vram_hint_bytes)
+        peak, source = self._knowledge.image_peak(key, vram_hint_bytes)
         log.info(
             "image job %s accepted: %s, %d bytes (%s)", record.job_id, key.encode(), peak, source
         )
-        engine.pulse.fire()
+        self._pulse.fire()
         self.changes.fire()
         return record
 
     async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel the job: at once while it is held, through its agent once dispatched.
+        Returns its record as it is then (a job that ended stays as it ended)."""
         # Under the planning lock, a held job cannot be admitted while it is being cancelled.
-        async with self._engine.plan_lock:
+        async with self._plan_lock:
             record = await self.get(job_id)
-            if record.final:
-                return record
-            if record.state == "held":
-                return await self._set(record, state="cancelled", reason="cancelled by the caller")
+            tracked = self._jobs.get(job_id)
+            job = tracked.view() if tracked is not None else _view(record)
+            change = self._decide(job_id, CancelRequested(), job=job)
+            if not _has(change, CancelAtAgent):
+                return await self._carry_out(record, change) or record
         assert record.agent is not None
-        self._cancelling.add(job_id)
         try:
-            prompt = await self._engine.links[record.agent].cancel(attempt_prompt_id(record))
+            prompt = await self._fleet.links[record.agent].cancel(attempt_prompt_id(record))
         except AgentRejected as exc:
             if exc.status != 404:
                 raise
@@ -251,73 +368,176 @@ class ImageScheduler:
         await self._apply(job_id, record.agent, prompt)
         return await self.get(job_id)
 
+    # -- transitions ----------------------------------------------------------------------
+
+    def _track(self, record: JobRecord) -> TrackedJob:
+        tracked = TrackedJob(record)
+        self._jobs[record.job_id] = tracked
+        self._remember_prompt(tracked)
+        return tracked
+
+    def _remember_prompt(self, tracked: TrackedJob) -> None:
+        prompt_id = attempt_prompt_id(tracked.record)
+        tracked.prompt_ids.add(prompt_id)
+        self._by_prompt[prompt_id] = tracked.record.job_id
+
+    def _forget(self, job_id: str) -> None:
+        tracked = self._jobs.pop(job_id, None)
+        if tracked is not None:
+            for prompt_id in tracked.prompt_ids:
+                self._by_prompt.pop(prompt_id, None)
+
+    def _decide(self, job_id: str, event: Event, *, job: ImageJobState | None = None) -> Transition:
+        """The core's transition for `event` on the job as tracked now (or as `job` says), with
+        what it says of the job's memory-only fields noted at once."""
+        tracked = self._jobs.get(job_id)
+        if job is None and tracked is not None:
+            job = tracked.view()
+        change = transition(job, event, self._clock(), max_attempts=self._max_attempts)
+        if tracked is not None:
+            tracked.cancelling = change.cancelling
+            if change.news_at is not None:
+                tracked.last_news_at = change.news_at
+        log.debug("image job %s: %s", job_id, change.reason)
+        return change
+
+    async def _carry_out(
+        self, record: JobRecord, change: Transition, *, admit: Admit | None = None
+    ) -> JobRecord | None:
+        """Perform `change`'s actions in order, for the job `record` is the latest known
+        record of; returns the record last written, if any.
+
+        `Submit` and `CancelAtAgent` are left to the caller, whose flow continues with the
+        agent's answer; `Dispatch` and `GiveBack` need the admission (`admit`).
+        """
+        outputs: list[str] | None = None
+        peak: int | None = None
+        stored: JobRecord | None = None
+        ended: JobRecord | None = None
+        for action in change.actions:
+            if ended is not None and isinstance(
+                action, (FetchOutputs, GrowFootprint, Retry, Store, Dispatch)
+            ):
+                continue
+            if isinstance(action, FetchOutputs):
+                assert record.agent is not None
+                try:
+                    outputs = await self._fetch_outputs(record, record.agent, action.count)
+                except AgentError as exc:
+                    log.warning("job %s: cannot fetch outputs yet: %s", record.job_id, exc)
+                    return stored  # the reconcile pass asks again
+            elif isinstance(action, ReleaseRun):
+                peak = self._fleet.books[action.agent].finish_image(action.family)
+                if action.learn_peak and peak:
+                    await self._knowledge.record_image_peak(self.key_of(record), peak)
+            elif isinstance(action, GrowFootprint):
+                now = self._clock()
+                budgets = [s.budget_bytes for s in self._fleet.states(now) if s.total_bytes]
+                grown = oom_footprint(self.expected_peak(record), budgets)
+                await self._knowledge.record_image_peak(self.key_of(record), grown)
+            elif isinstance(action, Retry):
+                await self._requeue(record.job_id, action.why)
+            elif isinstance(action, Store):
+                try:
+                    stored = await self._set(record, action.update, outputs=outputs, peak=peak)
+                except Conflict:
+                    # The store has the last word: a job it holds as ended (cancelled while
+                    # this decision was on its way) stays as it ended.
+                    latest = await self._store.get(record.job_id)
+                    if latest is None or not latest.final:
+                        raise
+                    log.info(
+                        "image job %s ended as %s before %r could be stored; dropped",
+                        record.job_id,
+                        latest.state,
+                        action.update.state,
+                    )
+                    # What would act on the job is skipped; what gives resources back is not.
+                    stored = ended = latest
+            elif isinstance(action, Forget):
+                self._forget(record.job_id)
+            elif isinstance(action, Dispatch):
+                assert admit is not None
+                assert stored is not None
+                tracked = self._jobs.get(record.job_id)
+                if tracked is not None:
+                    self._remember_prompt(tracked)
+                self._spawn(self._dispatch(stored, admit))
+            elif isinstance(action, GiveBack):
+                assert admit is not None
+                self._give_back(admit)
+        if ended is not None:
+            self._forget(record.job_id)
+            self.changes.fire()
+        return stored
+
     async def _set(
-        self,
-        record: JobRecord,
-        *,
-        state: JobState | Unset = UNSET,
-        reason: str | Unset = UNSET,
-        agent: str | Unset | None = UNSET,
-        progress: dict[str, Any] | Unset | None = UNSET,
-        outputs: list[str] | Unset = UNSET,
-        error: str | Unset | None = UNSET,
-        attempts: int | Unset = UNSET,
-        peak_bytes: int | Unset | None = UNSET,
+        self, record: JobRecord, update: JobUpdate, *, outputs: list[str] | None, peak: int | None
     ) -> JobRecord:
-        updated = await self._engine.store.update(
+        """Write `update` (and with it a finished job's outputs, progress and peak)."""
+        tracked = self._jobs.get(record.job_id)
+        progress = tracked.progress if tracked is not None else None
+        result = update.with_result
+        updated = await self._store.update(
             record.job_id,
-            now=self._engine.wall(),
-            state=state,
-            reason=reason,
-            agent=agent,
-            progress=progress,
-            outputs=outputs,
-            error=error,
-            attempts=attempts,
-            peak_bytes=peak_bytes,
+            now=self._wall(),
+            state=update.state if update.state is not None else UNSET,
+            reason=update.reason if update.reason is not None else UNSET,
+            agent=None if update.clear_agent else (update.agent or UNSET),
+            progress=progress.model_dump() if result and progress is not None else UNSET,
+            outputs=outputs if result and outputs is not None else UNSET,
+            error=update.error if update.error is not None else UNSET,
+            attempts=update.attempts if update.attempts is not None else UNSET,
+            peak_bytes=peak if result else UNSET,
         )
         # The state before this write is the last one written, which may be newer than the
         # `record` the caller holds (a cancel can land while a dispatch is being recorded).
-        before = self._states.get(record.job_id, record.state)
-        self._states[record.job_id] = updated.state
+        tracked = self._jobs.get(record.job_id)
+        before = tracked.record.state if tracked is not None else record.state
         if updated.state != before:
             self._counts[before] -= 1
             self._counts[updated.state] += 1
             log.info(
-                "image job %s: %s -> %s (%s)",
-                record.job_id,
-                before,
-                updated.state,
-                updated.reason,
+                "image job %s: %s -> %s (%s)", record.job_id, before, updated.state, updated.reason
             )
-        if updated.final:
-            self._states.pop(record.job_id, None)
-            self._jobs.pop(record.job_id, None)
-            self._progress.pop(record.job_id, None)
-            self._last_news.pop(record.job_id, None)
-            self._cancelling.discard(record.job_id)
-        else:
-            self._jobs[record.job_id] = updated
+        if tracked is not None:
+            tracked.record = updated
+        elif not updated.final:
+            self._track(updated)
         self.changes.fire()
-        self._engine.pulse.fire()
+        self._pulse.fire()
         return updated
+
+    def _give_back(self, admit: Admit) -> None:
+        """Drop what an admission promised on its agent: the job will not be dispatched."""
+        book = self._fleet.books[admit.agent]
+        book.finish_image(None)
+        book.unloading.difference_update(admit.room.unload)
+        book.freeing_comfy -= int(admit.room.free_comfy)
+
+    async def _requeue(self, job_id: str, why: str) -> None:
+        """Back to held (the memory promise is dropped) unless it has been tried enough."""
+        tracked = self._jobs.get(job_id)
+        if tracked is None:
+            return
+        await self._carry_out(tracked.record, self._decide(job_id, Requeue(why)))
 
     # -- scheduling -----------------------------------------------------------------------
 
     async def _schedule(self) -> None:
-        engine = self._engine
+        fleet = self._fleet
         admitted: list[tuple[JobRecord, Admit]] = []
         holds: list[tuple[JobRecord, str]] = []
         impossible: list[tuple[JobRecord, str]] = []
-        async with engine.plan_lock:
+        async with self._plan_lock:
             held = self.held()
             if not held:
-                for book in engine.books.values():
+                for book in fleet.books.values():
                     book.drain_since = None
                 return
-            now = engine.clock()
-            age_base = engine.wall()
-            states = {s.name: s for s in engine.states(now)}
+            now = self._clock()
+            age_base = self._wall()
+            states = {s.name: s for s in fleet.states(now)}
             jobs = [
                 ImageJob(
                     r.job_id,
@@ -333,16 +553,16 @@ class ImageScheduler:
                 jobs,
                 list(states.values()),
                 now,
-                engine.policy,
-                llm_waiting_since=engine.llm.waiting_since,
+                self._policy,
+                llm_waiting_since=self._llm_waiting_since(),
             )
-            engine.decisions += 1
+            self.decisions += 1
             drains: dict[str, float] = {}
             for decision in decisions:
-                record = self._jobs[decision.job_id]
+                record = self._jobs[decision.job_id].record
                 if isinstance(decision, Admit):
                     job = by_id[decision.job_id]
-                    book = engine.books[decision.agent]
+                    book = fleet.books[decision.agent]
                     agent = states[decision.agent]
                     book.start_image(
                         RunningImage(job.job_id, job.peak_bytes, job.family, now),
@@ -364,42 +584,32 @@ class ImageScheduler:
                         )
                     if decision.reason != record.reason:
                         holds.append((record, decision.reason))
-            for name, book in engine.books.items():
+            for name, book in fleet.books.items():
                 book.drain_since = drains.get(name)
         for record, decision in admitted:
+            change = self._decide(record.job_id, Admitted(decision.agent, decision.reason))
             try:
-                updated = await self._set(
-                    record,
-                    state="dispatched",
-                    agent=decision.agent,
-                    reason=decision.reason,
-                    attempts=record.attempts + 1,
-                )
+                await self._carry_out(record, change, admit=decision)
             except Conflict:
                 # Cancelled between the decision and this write: give its promise back.
-                book = engine.books[decision.agent]
-                book.finish_image(None)
-                book.unloading.difference_update(decision.room.unload)
-                continue
-            self._by_prompt[attempt_prompt_id(updated)] = record.job_id
-            self._last_news[record.job_id] = engine.clock()
-            self._spawn(self._dispatch(updated, decision))
+                self._give_back(decision)
         if holds:
             # A held job's reason changes with every pass (what runs, what is free, how long it
             # waited): it is served from memory, not written to the store each time. A restart
             # recomputes it on the first pass.
             for record, reason in holds:
-                if record.job_id in self._jobs:
-                    self._jobs[record.job_id] = dataclasses.replace(record, reason=reason)
+                tracked = self._jobs.get(record.job_id)
+                if tracked is not None:
+                    tracked.record = dataclasses.replace(tracked.record, reason=reason)
             self.changes.fire()
         for record, reason in impossible:
-            await self._set(record, state="failed", reason=reason, error=reason)
+            await self._carry_out(record, self._decide(record.job_id, Unplaceable(reason)))
 
     async def _dispatch(self, record: JobRecord, admit: Admit) -> None:
-        engine = self._engine
-        link = engine.links[admit.agent]
+        fleet = self._fleet
+        link = fleet.links[admit.agent]
         try:
-            async with engine.action_locks[admit.agent]:
+            async with fleet.action_locks[admit.agent]:
                 for model in admit.room.unload:
                     await link.unload(model)
                     log.info("unloaded %s on %s for image job %s", model, link.name, record.job_id)
@@ -410,152 +620,92 @@ class ImageScheduler:
                     )
                 if not admit.room.empty:
                     # The marks below come off only once the status shows the changes.
-                    await engine.refresh(admit.agent)
-            if record.job_id in self._cancelling:
-                engine.books[admit.agent].finish_image(None)
-                current = self._jobs.get(record.job_id)
-                if current is not None:
-                    await self._set(current, state="cancelled", reason="cancelled by the caller")
+                    await fleet.refresh(admit.agent)
+            change = self._decide(record.job_id, RoomMade(admit.agent))
+            if not _has(change, Submit):
+                await self._carry_out(self._latest(record), change)
                 return
             prompt = await link.submit(record.workflow, attempt_prompt_id(record))
         except AgentRejected as exc:
+            event: Event
             if exc.status == 400:
-                engine.books[admit.agent].finish_image(None)
-                await self._set(
-                    record,
-                    state="failed",
-                    reason="ComfyUI rejected the workflow",
-                    error=exc.agent_message,
-                )
+                event = WorkflowRejected(admit.agent, exc.agent_message)
             else:
-                await self._requeue(record, f"dispatch to {admit.agent} refused: {exc}")
+                event = DispatchFailed(f"dispatch to {admit.agent} refused: {exc}")
+            await self._carry_out(self._latest(record), self._decide(record.job_id, event))
             return
         except AgentError as exc:
-            await self._requeue(record, f"dispatch to {admit.agent} failed: {exc}")
+            failed = DispatchFailed(f"dispatch to {admit.agent} failed: {exc}")
+            await self._carry_out(self._latest(record), self._decide(record.job_id, failed))
             return
         finally:
-            book = engine.books[admit.agent]
+            book = fleet.books[admit.agent]
             book.unloading.difference_update(admit.room.unload)
             book.freeing_comfy -= int(admit.room.free_comfy)
-            engine.pulse.fire()
-        if record.job_id in self._cancelling and prompt.state not in FINAL_STATES:
+            self._pulse.fire()
+        answered = self._decide(record.job_id, SubmitAnswered(prompt.state))
+        if _has(answered, CancelAtAgent):
             # A cancel arrived while the submission was on its way: carry it out now.
             with contextlib.suppress(AgentError):
                 prompt = await link.cancel(attempt_prompt_id(record))
         await self._apply(record.job_id, admit.agent, prompt)
 
-    async def _requeue(self, record: JobRecord, why: str) -> None:
-        """Back to held (the memory promise is dropped) unless it has been tried enough."""
-        current = self._jobs.get(record.job_id)
-        if current is None or current.final:
-            return
-        if current.agent is not None:
-            self._engine.books[current.agent].finish_image(None)
-        if current.attempts >= self._engine.settings.max_image_attempts:
-            await self._set(
-                current,
-                state="failed",
-                reason=f"gave up after {current.attempts} attempts: {why}",
-                error=why,
-            )
-        else:
-            await self._set(current, state="held", agent=None, reason=f"{why}; will retry")
+    def _latest(self, record: JobRecord) -> JobRecord:
+        """The job's latest record: the tracked one, else (the job ended) `record`."""
+        tracked = self._jobs.get(record.job_id)
+        return tracked.record if tracked is not None else record
 
     # -- following ------------------------------------------------------------------------
 
     def agent_reconnected(self, agent: str) -> None:
         """The event stream from `agent` (re)opened: news of its jobs may have been lost
         meanwhile, so the next pass asks it about each of them instead of waiting `QUIET_S`."""
-        for record in self._jobs.values():
+        for tracked in self._jobs.values():
+            record = tracked.record
             if record.agent == agent and record.state in ("dispatched", "running"):
-                self._last_news[record.job_id] = -math.inf
+                tracked.last_news_at = -math.inf
                 self._reconcile_soon = True
 
     def on_prompt(self, agent: str, prompt: PromptInfo) -> None:
+        """An agent's event about one of its prompts: the job it belongs to moves on."""
         job_id = self._by_prompt.get(prompt.prompt_id)
         if job_id is not None and job_id in self._jobs:
             self._spawn(self._apply(job_id, agent, prompt))
 
     async def _apply(self, job_id: str, agent: str, prompt: PromptInfo) -> None:
-        lock = self._locks.setdefault(job_id, asyncio.Lock())
-        async with lock:
-            try:
-                await self._apply_locked(job_id, agent, prompt)
-            finally:
-                if job_id not in self._jobs:
-                    self._locks.pop(job_id, None)
+        tracked = self._jobs.get(job_id)
+        if tracked is None:
+            return  # it ended: whatever the agent says now changes nothing
+        async with tracked.lock:
+            await self._apply_locked(job_id, agent, prompt)
 
     async def _apply_locked(self, job_id: str, agent: str, prompt: PromptInfo) -> None:
-        record = self._jobs.get(job_id)
-        if record is None or record.final or record.agent != agent:
+        tracked = self._jobs.get(job_id)
+        if tracked is None:
             return
-        if prompt.prompt_id != attempt_prompt_id(record):
-            return  # news of an earlier attempt, which has been settled already
-        engine = self._engine
-        self._last_news[job_id] = engine.clock()
-        self._progress[job_id] = ProgressInfo(
-            node=prompt.node,
-            step=prompt.step,
-            steps=prompt.steps,
-            nodes_done=prompt.nodes_done,
-            nodes_total=prompt.nodes_total,
+        news = PromptNews(
+            agent=agent,
+            prompt_id=prompt.prompt_id,
+            state=prompt.state,
+            reason=prompt.reason,
+            error=prompt.error,
+            outputs=len(prompt.outputs),
+            oom=prompt.reason == OOM_REASON,
         )
-        self.changes.fire()
-        book = engine.books[agent]
-        if prompt.state == "pending":
-            if record.reason != f"queued in ComfyUI on {agent}":
-                await self._set(record, reason=f"queued in ComfyUI on {agent}")
-        elif prompt.state == "running":
-            if record.state == "dispatched":
-                await self._set(record, state="running", reason=f"running on {agent}")
-        elif prompt.state == "succeeded":
-            try:
-                outputs = await self._fetch_outputs(record, agent, len(prompt.outputs))
-            except AgentError as exc:
-                log.warning("job %s: cannot fetch outputs yet: %s", job_id, exc)
-                return  # the reconcile pass asks again
-            peak = book.finish_image(record.family)
-            if peak:
-                await engine.knowledge.record_image_peak(self.key_of(record), peak)
-            await self._set(
-                record,
-                state="succeeded",
-                reason=f"finished on {agent} with {len(outputs)} output(s)",
-                outputs=outputs,
-                progress=self._progress[job_id].model_dump(),
-                peak_bytes=peak,
+        change = self._decide(job_id, news)
+        if change.news_at is not None:
+            tracked.progress = ProgressInfo(
+                node=prompt.node,
+                step=prompt.step,
+                steps=prompt.steps,
+                nodes_done=prompt.nodes_done,
+                nodes_total=prompt.nodes_total,
             )
-        elif prompt.state == "failed":
-            if prompt.reason == OOM_REASON:
-                # Our footprint was too small: learn a larger one (never more than a whole
-                # budget, or the job could never run again), then try again.
-                budgets = [s.budget_bytes for s in engine.states(engine.clock()) if s.total_bytes]
-                grown = int(self.expected_peak(record) * OOM_GROWTH)
-                if budgets:
-                    grown = min(grown, max(budgets))
-                await engine.knowledge.record_image_peak(self.key_of(record), grown)
-                await self._requeue(record, f"ran out of GPU memory on {agent}")
-                return
-            book.finish_image(record.family)
-            await self._set(
-                record,
-                state="failed",
-                reason=f"failed on {agent}: {prompt.reason or 'error'}",
-                error=prompt.error or prompt.reason,
-            )
-        elif prompt.state in ("interrupted", "cancelled"):
-            book.finish_image(record.family)
-            why = (
-                "cancelled by the caller"
-                if job_id in self._cancelling
-                else "interrupted on the desktop"
-            )
-            await self._set(record, state="cancelled", reason=why)
-        elif prompt.state == "unknown":
-            await self._requeue(record, f"ComfyUI on {agent} restarted and lost it")
+            self.changes.fire()
+        await self._carry_out(tracked.record, change)
 
     async def _fetch_outputs(self, record: JobRecord, agent: str, count: int) -> list[str]:
-        link = self._engine.links[agent]
+        link = self._fleet.links[agent]
         folder = self.outputs_dir / record.job_id
         names = []
         for index in range(count):
@@ -567,18 +717,18 @@ class ImageScheduler:
 
     async def _reconcile(self) -> None:
         """Ask agents directly about dispatched jobs that have been quiet."""
-        engine = self._engine
-        now = engine.clock()
-        for record in list(self._jobs.values()):
+        now = self._clock()
+        for record in [t.record for t in self._jobs.values()]:
             if record.state not in ("dispatched", "running") or record.agent is None:
                 continue
-            if now - self._last_news.get(record.job_id, -math.inf) < QUIET_S:
+            tracked = self._jobs.get(record.job_id)
+            last_news_at = tracked.last_news_at if tracked is not None else -math.inf
+            if now - last_news_at < QUIET_S:
                 continue
-            link = engine.links.get(record.agent)
+            link = self._fleet.links.get(record.agent)
             if link is None:
-                await self._set(
-                    record, state="failed", reason=f"agent {record.agent} is no longer configured"
-                )
+                gone = self._decide(record.job_id, AgentGone())
+                await self._carry_out(self._latest(record), gone)
                 continue
             healthy, _ = link.health()
             if not healthy:
@@ -590,17 +740,17 @@ class ImageScheduler:
                     # ComfyUI first), and runs it only if ComfyUI never had it.
                     prompt = await link.submit(record.workflow, attempt_prompt_id(record))
             except AgentRejected as exc:
-                await self._set(
-                    record,
-                    state="failed",
-                    reason="ComfyUI rejected the workflow",
-                    error=exc.agent_message,
-                )
+                rejected = WorkflowRejected(record.agent, exc.agent_message)
+                await self._carry_out(self._latest(record), self._decide(record.job_id, rejected))
                 continue
             except AgentError as exc:
                 log.info("reconcile of job %s deferred: %s", record.job_id, exc)
                 continue
             await self._apply(record.job_id, record.agent, prompt)
+
+
+def _has(change: Transition, kind: type) -> bool:
+    return any(isinstance(action, kind) for action in change.actions)
 
 
 def _write_file(path: Path, data: bytes) -> None:

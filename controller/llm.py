@@ -1,6 +1,6 @@
 """Routing LLM requests (imperative shell): choose with the core, make room, load, hand over.
 
-`acquire()` asks `select()` for a plan under the engine's planning lock, promises the memory a
+`acquire()` asks `select()` for a plan under the shared planning lock, promises the memory a
 load needs and counts the request against the model, then carries the plan out on the agent:
 unloads (each confirmed on the GPU by the agent), a ComfyUI free, the load. The caller streams the
 request through the returned route and calls `release()` (and `record()` with Ollama's final
@@ -10,20 +10,22 @@ for the fleet to change; then it raises `NoCapacity` with the core's reason.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller.agents import AgentLink
 from controller.domain.catalog import DEFAULT_NUM_CTX
 from controller.domain.selection import Choice, select
-from controller.domain.types import LlmRequest
+from controller.domain.types import LlmRequest, ModelProfile, PolicyConfig
 from controller.errors import AgentRejected, NoCapacity
+from controller.fleet import Fleet
+from controller.knowledge import Knowledge
+from controller.pulse import Pulse
 from gpu_common.errors import NotFound
-
-if TYPE_CHECKING:
-    from controller.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +46,49 @@ class Route:
 
 
 class LlmRouter:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    """Places LLM requests on agents: one plan per request, made under the planning lock and
+    carried out on the chosen agent under its action lock.
+
+    `catalog` gives the model profiles at each plan, `wait_s` is how long a request waits for
+    room before `NoCapacity`; `plan_lock` and `pulse` are shared with the image scheduler.
+    """
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        knowledge: Knowledge,
+        *,
+        catalog: Callable[[], Mapping[str, ModelProfile]],
+        policy: PolicyConfig,
+        plan_lock: asyncio.Lock,
+        pulse: Pulse,
+        clock: Callable[[], float],
+        wait_s: float,
+    ) -> None:
+        self._fleet = fleet
+        self._knowledge = knowledge
+        self._catalog = catalog
+        self._policy = policy
+        self._plan_lock = plan_lock
+        self._pulse = pulse
+        self._clock = clock
+        self._wait_s = wait_s
         self.in_flight = 0
+        # Plans made (selection calls), for the metrics.
+        self.decisions = 0
         # Requests waiting for room, by ticket, with the time they started waiting.
         self._waiting: dict[int, float] = {}
         self._tickets = itertools.count()
 
-    @property
     def waiting_since(self) -> float | None:
         """When the longest-waiting request started waiting for room, if any waits."""
         return min(self._waiting.values(), default=None)
 
     async def acquire(self, request: LlmRequest, *, num_ctx: int | None = None) -> Route:
-        engine = self._engine
-        deadline = engine.clock() + engine.settings.llm_wait_s
+        """Place `request`: plan, make room, load if needed; returns the route to stream it
+        through. Raises `NotFound` for a model no agent offers, `NoCapacity` when nothing can
+        serve it within its limits before the wait runs out."""
+        deadline = self._clock() + self._wait_s
         ticket = next(self._tickets)
         try:
             return await self._acquire(request, num_ctx, deadline, ticket)
@@ -68,16 +98,16 @@ class LlmRouter:
     async def _acquire(
         self, request: LlmRequest, num_ctx: int | None, deadline: float, ticket: int
     ) -> Route:
-        engine = self._engine
+        fleet = self._fleet
         while True:
-            mark = engine.pulse.mark()
-            async with engine.plan_lock:
-                now = engine.clock()
-                catalog = engine.catalog()
-                decision = select(request, engine.states(now), catalog, now, engine.policy)
-                engine.decisions += 1
+            mark = self._pulse.mark()
+            async with self._plan_lock:
+                now = self._clock()
+                catalog = self._catalog()
+                decision = select(request, fleet.states(now), catalog, now, self._policy)
+                self.decisions += 1
                 if isinstance(decision, Choice):
-                    book = engine.books[decision.agent]
+                    book = fleet.books[decision.agent]
                     book.queued[decision.model] += 1
                     book.unloading.update(decision.room.unload)
                     book.freeing_comfy += int(decision.room.free_comfy)
@@ -98,18 +128,18 @@ class LlmRouter:
                     continue
             if decision.retry_after_s == 0:
                 raise NotFound(decision.reason)
-            left = deadline - engine.clock()
+            left = deadline - self._clock()
             if left <= 0:
                 raise NoCapacity(decision.reason, retry_after_s=decision.retry_after_s)
-            self._waiting.setdefault(ticket, engine.clock())
-            await engine.pulse.wait(min(left, REPLAN_S), mark)
+            self._waiting.setdefault(ticket, self._clock())
+            await self._pulse.wait(min(left, REPLAN_S), mark)
 
     async def _carry_out(self, choice: Choice, token: int | None, num_ctx: int | None) -> Route:
-        engine = self._engine
-        book = engine.books[choice.agent]
-        link = engine.links[choice.agent]
+        fleet = self._fleet
+        book = fleet.books[choice.agent]
+        link = fleet.links[choice.agent]
         try:
-            async with engine.action_locks[choice.agent]:
+            async with fleet.action_locks[choice.agent]:
                 for model in choice.room.unload:
                     await link.unload(model)
                     log.info(
@@ -119,18 +149,18 @@ class LlmRouter:
                     await link.free()
                     log.info("freed ComfyUI's cache on %s for %s", link.name, choice.model)
                 if choice.load:
-                    started = engine.clock()
+                    started = self._clock()
                     result = await link.load(choice.model, num_ctx=num_ctx)
-                    await engine.knowledge.record_load(
+                    await self._knowledge.record_load(
                         choice.model,
                         result.context_length or num_ctx or DEFAULT_NUM_CTX,
                         result.vram_bytes,
                         result.size_bytes,
-                        result.load_time_s or engine.clock() - started,
+                        result.load_time_s or self._clock() - started,
                     )
                 if choice.load or not choice.room.empty:
                     # The marks below come off only once the status shows the changes.
-                    await engine.refresh(choice.agent)
+                    await fleet.refresh(choice.agent)
         except BaseException:
             book.queued[choice.model] -= 1
             raise
@@ -139,26 +169,25 @@ class LlmRouter:
             book.freeing_comfy -= int(choice.room.free_comfy)
             if token is not None:
                 book.release(token)
-            engine.pulse.fire()
+            self._pulse.fire()
         log.debug("route: %s", choice.reason)
         self.in_flight += 1
         return Route(choice.agent, choice.model, choice.reason, link, choice.load)
 
     def release(self, route: Route) -> None:
+        """The request on `route` ended (or failed): count it off its model and agent.
+        Releasing twice is harmless."""
         if route.released:
             return
         route.released = True
-        engine = self._engine
-        book = engine.books[route.agent]
+        book = self._fleet.books[route.agent]
         book.queued[route.model] -= 1
         book.end_request(route.model)
-        book.touch(route.model, engine.clock())
+        book.touch(route.model, self._clock())
         self.in_flight -= 1
-        engine.pulse.fire()
+        self._pulse.fire()
 
     async def record(self, route: Route, final: dict[str, Any]) -> None:
         """Learn from Ollama's final line of a finished generation."""
         if final.get("done") and not final.get("error"):
-            await self._engine.knowledge.record_generation(
-                route.model, final, was_loaded=route.loaded
-            )
+            await self._knowledge.record_generation(route.model, final, was_loaded=route.loaded)

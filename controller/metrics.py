@@ -16,10 +16,13 @@ PREFIX = "gpu_controller"
 
 
 class ControllerCollector(Collector):
+    """Reads the engine's ledger, agent links and schedulers on every scrape."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[Metric]:
+        """Per-agent memory and health gauges, then job, request and decision counts."""
         engine = self._engine
         states = engine.states(engine.clock())
 
@@ -68,10 +71,12 @@ class ControllerCollector(Collector):
 
 
 def make_registry(engine: Engine) -> CollectorRegistry:
+    """A registry holding only the controller's collector (no process-global default registry)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControllerCollector(engine))
     return registry
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The registry in Prometheus text format, and the Content-Type to serve it with."""
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -13,6 +13,7 @@ class Pulse:
         self._event = asyncio.Event()
 
     def fire(self) -> None:
+        """Wake everyone waiting now; later waiters wait for the next `fire()`."""
         self._event.set()
         self._event = asyncio.Event()
 
@@ -22,6 +23,8 @@ class Pulse:
         return self._event
 
     async def wait(self, timeout_s: float, mark: asyncio.Event | None = None) -> None:
+        """Return at the next `fire()` after `mark` was taken (or after now without one), or
+        after `timeout_s`, whichever comes first."""
         event = mark if mark is not None else self._event
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):

@@ -26,6 +26,7 @@ class AgentCollector(Collector):
         self._service = service
 
     def collect(self) -> Iterator[Metric]:
+        """One metric family per gauge, built from a fresh status snapshot."""
         status = self._service.status()
         tel = status.telemetry
 
@@ -113,4 +114,5 @@ def make_registry(service: AgentService) -> CollectorRegistry:
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The registry in Prometheus text format, and the Content-Type to serve it with."""
     return generate_latest(registry), CONTENT_TYPE_LATEST

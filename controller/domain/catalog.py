@@ -32,6 +32,8 @@ def parameter_billions(parameter_size: str | None, name: str) -> float:
 
 
 def default_quality(name: str, family: str | None, parameter_size: str | None) -> float:
+    """A 0-100 score before any override: grows with log2 of the parameter count, plus a
+    family bonus."""
     billions = parameter_billions(parameter_size, name)
     score = 30.0 + 12.0 * math.log2(1.0 + billions) + FAMILY_QUALITY_BONUS.get(family or "", 0.0)
     return round(min(100.0, max(0.0, score)), 1)

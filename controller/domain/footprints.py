@@ -23,6 +23,9 @@ MIN_PROMPT_TOKENS_FOR_SPEED = 64
 
 @dataclass(frozen=True, slots=True)
 class ImageKey:
+    """What sizes an image job's memory: the model family, the latent's width and height (pixels)
+    and the batch size."""
+
     family: str
     width: int
     height: int
@@ -33,10 +36,12 @@ class ImageKey:
         return self.width * self.height * self.batch
 
     def encode(self) -> str:
+        """`family:WIDTHxHEIGHTxBATCH`, the key learned peaks are stored under."""
         return f"{self.family}:{self.width}x{self.height}x{self.batch}"
 
     @staticmethod
     def decode(text: str) -> ImageKey:
+        """The key back from `encode`'s text; raises ValueError when it is malformed."""
         family, _, dims = text.partition(":")
         width, height, batch = (int(part) for part in dims.split("x"))
         return ImageKey(family, width, height, batch)
@@ -63,6 +68,8 @@ UNKNOWN_FAMILY = FamilyDefault(1024 * 1024, int(8 * GIB), int(3 * GIB))
 
 
 def default_image_peak(key: ImageKey) -> int:
+    """Conservative peak bytes for `key` before anything is measured: the family's weights plus
+    its activations, scaled up (never down) with the pixel count."""
     base = IMAGE_DEFAULTS.get(key.family, UNKNOWN_FAMILY)
     scale = key.pixels / base.base_pixels
     return base.weights_bytes + int(base.activation_bytes * max(1.0, scale))
@@ -104,6 +111,7 @@ def learn_image_peak(learned: Mapping[str, int], key: ImageKey, peak_bytes: int)
 
 
 def llm_key(model: str, num_ctx: int) -> str:
+    """`model@num_ctx`, the key learned LLM footprints are stored under."""
     return f"{model}@{num_ctx}"
 
 
@@ -130,6 +138,9 @@ class SpeedSample:
 
 @dataclass(frozen=True, slots=True)
 class Speed:
+    """Running averages of a model's speeds (None until measured) and the generations behind
+    them."""
+
     decode_tokens_per_s: float | None = None
     prompt_tokens_per_s: float | None = None
     load_s: float | None = None

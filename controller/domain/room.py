@@ -29,6 +29,7 @@ class RoomPlan:
         return len(self.unload) * config.unload_s + (config.free_s if self.free_comfy else 0.0)
 
     def describe(self) -> str:
+        """The steps for a reason text, e.g. "free ComfyUI's cache, unload a"; "" when none."""
         steps = [f"unload {name}" for name in self.unload]
         if self.free_comfy:
             steps.insert(0, "free ComfyUI's cache")

@@ -106,9 +106,11 @@ class AgentState:
         return max(0, self.comfy_bytes - self.comfy_floor_bytes)
 
     def resident_model(self, name: str) -> ResidentModel | None:
+        """The model `name` if it is loaded here, else None."""
         return next((m for m in self.resident if m.name == name), None)
 
     def queued_for(self, model: str) -> int:
+        """How many LLM requests here wait for `model` to finish loading."""
         return next((n for name, n in self.llm_queued if name == model), 0)
 
 

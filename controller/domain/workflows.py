@@ -38,7 +38,8 @@ def image_key(workflow: Mapping[str, Any]) -> ImageKey:
             continue
         cls = node.get("class_type")
         inputs = node.get("inputs")
-        if not isinstance(inputs, Mapping):
+        # A node a caller got wrong (a class_type that is no string) sizes nothing here.
+        if not isinstance(cls, str) or not isinstance(inputs, Mapping):
             continue
         if cls in _LOADERS:
             name = inputs.get("ckpt_name") or inputs.get("unet_name")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -406,3 +407,26 @@ async def test_requests_without_the_token_are_401(stack: Stack) -> None:
         await ollama.AsyncClient(host=stack.url, timeout=5.0).list()
     assert caught.value.status_code == 401
     assert stack.desktop.comfyui.stats.prompts_run == 0
+
+
+async def test_a_cancel_while_the_job_is_being_dispatched_ends_it_once(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The DELETE goes out the moment the job is seen dispatched: its submission to the agent is
+    # on its way, and the cancel and the submission's answer race.
+    ended = []
+    for _ in range(3):
+        job = await stack.submit(sd15())
+        async with stack.http.stream("GET", f"/v1/images/{job['id']}/events") as events:
+            async for line in events.aiter_lines():
+                if line.strip() and json.loads(line)["state"] == "dispatched":
+                    response = await stack.http.delete(f"/v1/images/{job['id']}")
+                    assert response.status_code == 200, response.text
+                    break
+        ended.append(await stack.wait_job(job["id"]))
+
+    assert [job["state"] for job in ended] == ["cancelled"] * 3
+    assert all(job["reason"] == "cancelled by the caller" for job in ended)
+    assert stack.desktop.comfyui.stats.succeeded == 0
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures]
