@@ -8,8 +8,8 @@ stops a crash loop.
 
 Precedence, highest first: flags (`load_settings(**overrides)`), environment
 (`GPU_CONTROLLER_*`; `GPU_CONTROLLER_AGENTS` and `GPU_CONTROLLER_QUALITY` as JSON), the TOML file
-(agents as an array of tables, `[[agents]]`), defaults. Loading is shared with the agent
-(`gpu_common.layered_settings`).
+(agents as an array of tables, `[[agents]]`), defaults. Loading, and the fields and checks both
+services have, are shared with the agent (`gpu_common.layered_settings`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,22 +30,27 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from controller.domain.types import PolicyConfig
-from gpu_common.errors import ConfigError
-from gpu_common.hosts import check_allowed_host_entry
 from gpu_common.layered_settings import (
+    EXIT_BAD_CONFIG,
+    ServiceSettings,
     check_base_url,
-    load_layered,
-    open_host_problem,
-    strip_host,
     strip_secret,
-    token_sources,
 )
 
-EXIT_BAD_CONFIG = 78
-"""Exit status for invalid settings (sysexits.h EX_CONFIG); the unit file must not restart on it."""
+__all__ = [
+    "AGENT_TOKEN_ENV",
+    "DEFAULT_AGENT_PORT",
+    "DEFAULT_PORT",
+    "ENV_PREFIX",
+    "EXIT_BAD_CONFIG",
+    "AgentEndpoint",
+    "ControllerSettings",
+    "agent_name_from_url",
+    "load_settings",
+]
 
 ENV_PREFIX = "GPU_CONTROLLER_"
 AGENT_TOKEN_ENV = "GPU_AGENT_TOKEN"
@@ -57,10 +62,7 @@ AGENT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
-# Fields whose values must never be echoed back in an error message (also inside agents).
-_SECRET_FIELDS = frozenset({"token"})
 
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 QualityScore = Annotated[float, Field(ge=0.0, le=100.0)]
 
 
@@ -113,35 +115,22 @@ def agent_name_from_url(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:64]
 
 
-class ControllerSettings(BaseSettings):
+class ControllerSettings(ServiceSettings):
     """Everything the controller can be configured with; immutable once built.
 
     Construct it through `load_settings` to get the TOML layer and `ConfigError`s; constructing it
-    directly reads only keyword arguments, the environment and defaults.
+    directly reads only keyword arguments, the environment and defaults. The bind address, token
+    and log level are `ServiceSettings`' fields; a token inside `agents` is never echoed either.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        # An empty `GPU_CONTROLLER_TOKEN=` left in an env file means "not set", not "empty token".
-        env_ignore_empty=True,
-        extra="forbid",
-        frozen=True,
-        allow_inf_nan=False,
-        validate_default=True,
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+    unauthenticated_power = "use the GPUs"
 
-    host: str = Field(default="127.0.0.1", min_length=1, description="Address the API binds to.")
     port: int = Field(
         default=DEFAULT_PORT,
         ge=0,
         le=65535,
         description="TCP port the API binds to (0: any free port).",
-    )
-    token: SecretStr | None = Field(
-        default=None, description="Bearer token the API requires; required off loopback."
-    )
-    token_file: Path | None = Field(
-        default=None, description="File holding the bearer token (read once, stripped)."
     )
     data_dir: Path = Field(
         default_factory=_default_data_dir, description="Writable state directory (job store)."
@@ -201,78 +190,34 @@ class ControllerSettings(BaseSettings):
     max_image_attempts: int = Field(
         default=3, ge=1, le=100, description="Tries of one image job before it fails."
     )
-    allowed_hosts: list[str] = Field(
-        default_factory=list,
-        description=(
-            "Host names, beyond the defaults, that requests may carry in Host and Origin: "
-            "exact names, '*.example.org' for every name under it, or '*' for any."
-        ),
-    )
     max_body_bytes: int = Field(
         default=16 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
-    log_level: LogLevel = Field(default="INFO", description="Root log level.")
 
-    _file_token: SecretStr | None = PrivateAttr(default=None)
     _shared_agent_token: SecretStr | None = PrivateAttr(default=None)
 
-    @field_validator("host", mode="before")
+    @field_validator("data_dir")
     @classmethod
-    def _strip_host(cls, value: object) -> object:
-        return strip_host(value)
-
-    @field_validator("token", mode="before")
-    @classmethod
-    def _strip_token(cls, value: object) -> object:
-        return strip_secret(value)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
-        return [check_allowed_host_entry(entry) for entry in value]
-
-    @field_validator("data_dir", "token_file")
-    @classmethod
-    def _expand_user(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_log_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @model_validator(mode="after")
-    def _check_together(self) -> ControllerSettings:
-        # Each problem is one line starting with the field it is about.
-        problems: list[str] = []
-        counts = Counter(agent.name for agent in self.agents)
-        duplicates = sorted(name for name, count in counts.items() if count > 1)
-        if duplicates:
-            problems.append(
-                f"agents: names must be unique; {', '.join(map(repr, duplicates))} "
-                f"given more than once (name each [[agents]] entry differently)"
-            )
-        token_lines, self._file_token = token_sources(self.token, self.token_file)
-        problems += token_lines
-        if not problems:
-            open_host = open_host_problem(
-                self.host, self.effective_token() is not None, power="use the GPUs"
-            )
-            problems += [open_host] if open_host else []
-        if problems:
-            raise ValueError("\n".join(problems))
+    def _read_shared_agent_token(self) -> ControllerSettings:
         # Read with the rest of the environment, so the settings stay one immutable snapshot.
         shared = os.environ.get(AGENT_TOKEN_ENV, "").strip()
         self._shared_agent_token = SecretStr(shared) if shared else None
         return self
 
-    def effective_token(self) -> str | None:
-        """The token the API must require: `token`, else `token_file`'s content, else None."""
-        if self.token is not None:
-            return self.token.get_secret_value()
-        if self._file_token is not None:
-            return self._file_token.get_secret_value()
-        return None
+    def cross_field_problems(self) -> list[str]:
+        """Agent names must be unique: they key the API, the logs and the metrics."""
+        counts = Counter(agent.name for agent in self.agents)
+        duplicates = sorted(name for name, count in counts.items() if count > 1)
+        if duplicates:
+            return [
+                f"agents: names must be unique; {', '.join(map(repr, duplicates))} "
+                f"given more than once (name each [[agents]] entry differently)"
+            ]
+        return []
 
     def agent_token(self, endpoint: AgentEndpoint) -> str | None:
         """The token to send to `endpoint`: its own, else `GPU_AGENT_TOKEN`, else None."""
@@ -305,11 +250,4 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Controll
     file, an unknown key in it, or any invalid value, with one line per field naming it (e.g.
     `agents.0.url`), the problem and where the value came from; tokens are never echoed.
     """
-    return load_layered(
-        ControllerSettings,
-        config_file,
-        overrides,
-        env_prefix=ENV_PREFIX,
-        error_cls=ConfigError,
-        secret_fields=_SECRET_FIELDS,
-    )
+    return ControllerSettings.load(config_file, **overrides)

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -47,7 +48,6 @@ from gpu_agent.comfyui_state import (
     parse_message,
     queue_prompt_ids,
     reconcile,
-    reconnect_delays,
     request_cancel,
 )
 from gpu_agent.errors import (
@@ -58,6 +58,7 @@ from gpu_agent.errors import (
     WorkflowRejected,
 )
 from gpu_common import clock
+from gpu_common.backoff import Backoff
 from gpu_common.schema import FINAL_STATES, PromptState
 
 __all__ = [
@@ -101,12 +102,13 @@ class ComfyUIController:
         on_event: Callable[[PromptEvent], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         monotonic: Callable[[], float] = clock.monotonic_s,
+        rng: random.Random | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._client_id = client_id
         self._request_timeout_s = request_timeout_s
-        self._reconnect_initial_s = reconnect_initial_s
-        self._reconnect_max_s = reconnect_max_s
+        # Reconnect jitter draws from `rng`; a seeded one replays a run exactly.
+        self._backoff = Backoff(reconnect_initial_s, reconnect_max_s, rng=rng)
         self._poll_interval_s = poll_interval_s
         self._quiet_after_s = quiet_after_s
         self.on_event = on_event
@@ -496,7 +498,8 @@ class ComfyUIController:
         return urlunsplit((scheme, parts.netloc, path, f"clientId={self._client_id}", ""))
 
     async def _follow_websocket(self) -> None:
-        delays: Iterator[float] | None = None
+        backoff = self._backoff
+        backoff.reset()
         while self._started:
             try:
                 async with websockets.connect(
@@ -509,7 +512,7 @@ class ComfyUIController:
                     proxy=None,
                 ) as ws:
                     self._on_connected(ws)
-                    delays = None
+                    backoff.reset()
                     async for frame in ws:
                         self._last_message_t = self._monotonic()
                         if isinstance(frame, str):
@@ -518,15 +521,13 @@ class ComfyUIController:
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 # Say it once per outage, not at every reconnect attempt.
                 log.log(
-                    logging.DEBUG if delays is not None else logging.INFO,
+                    logging.DEBUG if backoff.retries else logging.INFO,
                     "ComfyUI websocket: %r",
                     exc,
                 )
             finally:
                 self._on_disconnected()
-            if delays is None:
-                delays = reconnect_delays(self._reconnect_initial_s, self._reconnect_max_s)
-            await asyncio.sleep(next(delays))
+            await backoff.sleep()
 
     def _on_connected(self, ws: ClientConnection) -> None:
         log.info("ComfyUI websocket connected as %s", self._client_id)

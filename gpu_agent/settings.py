@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from gpu_common.errors import ConfigError
-from gpu_common.hosts import check_allowed_host_entry
 from gpu_common.layered_settings import (
+    EXIT_BAD_CONFIG,
+    LogLevel,
+    ServiceSettings,
     check_base_url,
     is_loopback_host,
-    load_layered,
-    open_host_problem,
-    strip_host,
-    strip_secret,
-    token_sources,
 )
 
 __all__ = [
@@ -39,17 +35,10 @@ __all__ = [
     "load_settings",
 ]
 
-EXIT_BAD_CONFIG = 78
-"""Exit status for invalid settings (sysexits.h EX_CONFIG); the unit file must not restart on it."""
-
 ENV_PREFIX = "GPU_AGENT_"
 
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
-# Fields whose values must never be echoed back in an error message.
-_SECRET_FIELDS = frozenset({"token"})
-
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _default_comfyui_client_id() -> str:
@@ -58,32 +47,19 @@ def _default_comfyui_client_id() -> str:
     return f"gpu-agent-{socket.gethostname()}"
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(ServiceSettings):
     """Everything the agent can be configured with; immutable once built.
 
     Construct it through `load_settings` to get the TOML layer and `ConfigError`s; constructing it
-    directly reads only keyword arguments, the environment and defaults.
+    directly reads only keyword arguments, the environment and defaults. The bind address, token
+    and log level are `ServiceSettings`' fields.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        # An empty `GPU_AGENT_TOKEN=` left in an env file means "not set", not "empty token".
-        env_ignore_empty=True,
-        extra="forbid",
-        frozen=True,
-        allow_inf_nan=False,
-        validate_default=True,
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+    unauthenticated_power = "control the GPU"
 
-    host: str = Field(default="127.0.0.1", min_length=1, description="Address the API binds to.")
     port: int = Field(
         default=8765, ge=0, le=65535, description="TCP port the API binds to (0: any free port)."
-    )
-    token: SecretStr | None = Field(
-        default=None, description="Bearer token the API requires; required off loopback."
-    )
-    token_file: Path | None = Field(
-        default=None, description="File holding the bearer token (read once, stripped)."
     )
     ollama_url: str = Field(default="http://127.0.0.1:11434", description="Ollama base URL.")
     comfyui_url: str = Field(default="http://127.0.0.1:8188", description="ComfyUI base URL.")
@@ -115,13 +91,6 @@ class AgentSettings(BaseSettings):
     free_timeout_s: float = Field(
         default=120.0, gt=0.0, le=3600.0, description="Longest wait for GPU memory to free."
     )
-    allowed_hosts: list[str] = Field(
-        default_factory=list,
-        description=(
-            "Host names, beyond the defaults, that requests may carry in Host and Origin: "
-            "exact names, '*.example.org' for every name under it, or '*' for any."
-        ),
-    )
     max_body_bytes: int = Field(
         default=8 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
@@ -132,60 +101,20 @@ class AgentSettings(BaseSettings):
     sim_speed: float = Field(
         default=1.0, gt=0.0, le=10_000.0, description="Simulated seconds per real second."
     )
-    log_level: LogLevel = Field(default="INFO", description="Root log level.")
-
-    _file_token: SecretStr | None = PrivateAttr(default=None)
-
-    @field_validator("host", mode="before")
-    @classmethod
-    def _strip_host(cls, value: object) -> object:
-        return strip_host(value)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
-        return [check_allowed_host_entry(entry) for entry in value]
-
-    @field_validator("token", mode="before")
-    @classmethod
-    def _strip_token(cls, value: object) -> object:
-        return strip_secret(value)
 
     @field_validator("ollama_url", "comfyui_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
         return check_base_url(value)
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_log_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _check_together(self) -> AgentSettings:
-        # Each problem is one line starting with the field it is about; see `_describe`.
-        problems, self._file_token = token_sources(self.token, self.token_file)
+    def cross_field_problems(self) -> list[str]:
+        """The watchdog needs telemetry fresher than `stale_after_s` between two samples."""
         if self.stale_after_s <= self.sample_interval_s:
-            problems.append(
+            return [
                 f"stale_after_s: must be greater than sample_interval_s "
                 f"({self.stale_after_s} <= {self.sample_interval_s}), or the watchdog never pings"
-            )
-        if not problems:
-            open_host = open_host_problem(
-                self.host, self.effective_token() is not None, power="control the GPU"
-            )
-            problems += [open_host] if open_host else []
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-    def effective_token(self) -> str | None:
-        """The token the API must require: `token`, else `token_file`'s content, else None."""
-        if self.token is not None:
-            return self.token.get_secret_value()
-        if self._file_token is not None:
-            return self._file_token.get_secret_value()
-        return None
+            ]
+        return []
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
@@ -195,11 +124,4 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSet
     `ConfigError` for a missing or unparsable file, an unknown key in it, or any invalid value,
     with one line per field naming it, the problem and where the value came from.
     """
-    return load_layered(
-        AgentSettings,
-        config_file,
-        overrides,
-        env_prefix=ENV_PREFIX,
-        error_cls=ConfigError,
-        secret_fields=_SECRET_FIELDS,
-    )
+    return AgentSettings.load(config_file, **overrides)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,6 @@ from controller.agents import (
     attachment_filename,
     error_fields,
     ollama_path,
-    reconnect_delays,
     ws_url,
 )
 from controller.errors import AgentRejected, AgentUnavailable
@@ -689,15 +687,6 @@ def snapshot_body() -> bytes:
 
 
 # -- the pure helpers ----------------------------------------------------------------------
-
-
-def test_reconnect_delays_grow_with_jitter_up_to_the_cap() -> None:
-    delays = reconnect_delays(0.2, 5.0, random.Random(3))
-    first = [next(delays) for _ in range(12)]
-    steps = [min(5.0, 0.2 * 2**n) for n in range(12)]
-    assert all(step / 2 <= delay <= step for delay, step in zip(first, steps, strict=True))
-    assert max(first) <= 5.0
-    assert len(set(first)) == len(first)
 
 
 def test_error_fields_read_both_error_shapes() -> None:
