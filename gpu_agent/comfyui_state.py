@@ -9,14 +9,12 @@ passed in. Three inputs move a prompt:
 * our own cancel request (`request_cancel`).
 
 A final record never changes state again, so a late or replayed message cannot rewrite an outcome.
-The connection policy (`reconnect_delays`) lives here too because it is just as pure.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -67,6 +65,7 @@ class PromptRecord:
 
     @property
     def final(self) -> bool:
+        """Whether the prompt has ended: a final record never changes again."""
         return self.state in FINAL_STATES
 
 
@@ -502,30 +501,3 @@ def request_cancel(track: PromptTrack) -> PromptTrack:
     if track.record.final or track.cancel_requested:
         return track
     return replace(track, cancel_requested=True)
-
-
-# -- connection policy ---------------------------------------------------------------------
-
-
-def reconnect_delays(
-    initial_s: float,
-    max_s: float,
-    *,
-    factor: float = 2.0,
-    jitter: float = 0.5,
-    uniform: Callable[[], float] = random.random,
-) -> Iterator[float]:
-    """Endless reconnect delays: exponential from `initial_s`, capped at `max_s`, with jitter.
-
-    Each delay is drawn from [base * (1 - jitter), base] where base doubles (by `factor`) up to
-    `max_s`, so clients restarted together do not reconnect in step. `uniform` returns values in
-    [0, 1); pass a seeded one for repeatable delays.
-    """
-    if initial_s <= 0 or max_s < initial_s:
-        raise ValueError(f"need 0 < initial_s <= max_s, got {initial_s} and {max_s}")
-    if factor < 1 or not 0 <= jitter <= 1:
-        raise ValueError(f"need factor >= 1 and 0 <= jitter <= 1, got {factor} and {jitter}")
-    base = initial_s
-    while True:
-        yield base * (1 - jitter * uniform())
-        base = min(max_s, base * factor)

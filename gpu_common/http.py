@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpu_common.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
 from gpu_common.openapi import OPENAPI_PATH
+from gpu_common.schema import MAX_WORKFLOW_NODES as MAX_WORKFLOW_NODES
 from gpu_common.schema import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,6 @@ M = TypeVar("M", bound=BaseModel)
 
 PUBLIC_PATHS = frozenset({"/healthz", OPENAPI_PATH})
 """Routes that answer without a token: liveness, and the description of the API."""
-
-MAX_WORKFLOW_NODES = 2000
-"""The most nodes a workflow may have. Real graphs have tens to a few hundred; ComfyUI checks a
-graph recursively and keeps every output, so a far larger one is refused up front with a 400
-instead of tying up the queue (and, for the controller, the output copy) for minutes."""
 
 # What can put a lone UTF-16 surrogate in a parsed string: a `\\ud800`-style escape, or raw
 # surrogate bytes, which `json.loads` decodes with "surrogatepass" (in UTF-8, ED A0..ED BF; a NUL

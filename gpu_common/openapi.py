@@ -6,6 +6,10 @@ walks the application's router, takes the schemas from the pydantic wire models
 `components.schemas`) and serves the document at `GET /openapi.json`. A route without an entry in
 the table is an error when the application is built, so the document cannot fall behind the API.
 
+The document is a contract a client (or a property-based tester) can hold the services to: every
+constraint a route checks is in its schemas (patterns, lengths, limits, strict types), and every
+status it can answer is listed, with the headers that come with it (`Retry-After`).
+
 `/openapi.json` needs no token: it describes the API, not any state of the machine. The Host and
 Origin checks still apply to it.
 """
@@ -15,15 +19,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from gpu_common.schema import ErrorResponse
+from gpu_common.schema import ErrorResponse, OllamaErrorResponse
 
-__all__ = ["OPENAPI_PATH", "RouteDoc", "add_openapi_route", "build_openapi"]
+__all__ = ["OPENAPI_PATH", "Param", "RouteDoc", "add_openapi_route", "build_openapi"]
 
 OPENAPI_PATH = "/openapi.json"
 
@@ -39,6 +43,7 @@ _ERROR_TEXT = {
     405: "Method not allowed on this route",
     409: "The current state forbids it",
     413: "Body larger than max_body_bytes",
+    422: "The Idempotency-Key was used with a different request",
     500: "Unexpected failure",
     502: "The upstream server failed",
     503: "Unavailable now; see Retry-After where given",
@@ -46,6 +51,29 @@ _ERROR_TEXT = {
 }
 # Every route can answer these, whatever its table entry says.
 _ALWAYS = (403, 405, 500)
+# Statuses Ollama itself answers on its API, which a route passing Ollama through hands on as
+# they are: its JSON errors, and gin's plain-text 404 and 405 for a path or method it lacks.
+_OLLAMA_STATUSES = (400, 404, 405, 500)
+_OLLAMA_TEXT_STATUSES = (404, 405)
+_RETRY_AFTER = {
+    "description": "Seconds after which to ask again (delay-seconds, RFC 9110 10.2.3)",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One documented parameter: a path parameter's schema (pattern, bounds), or a header.
+
+    Path parameters the table does not describe are documented as any string.
+    """
+
+    name: str
+    schema: Mapping[str, Any]
+    location: Literal["path", "header", "query"] = "path"
+    required: bool = True
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,8 +81,13 @@ class RouteDoc:
     """How one route is documented.
 
     `request`: the JSON body model, if any. `response`: the success body model; without one, the
-    success body is `content_type` (a stream, a file, Prometheus text). `public`: no token needed.
-    `errors`: the statuses it answers with an `ErrorResponse`, beyond 403, 405 and 500.
+    success body is `content_type` (a stream, a file, Prometheus text), or any of
+    `content_types` when it can be several. `public`: no token needed. `errors`: the statuses it
+    answers with an `ErrorResponse`, beyond 403, 405 and 500 (and 400 and 413 with a body, 401
+    with a token). `params`: schemas of its path parameters and the headers it reads.
+    `retry_after`: the statuses whose answers may carry `Retry-After`. `ollama`: Ollama's API;
+    its errors may also come in Ollama's shape, `{"error": "..."}`. `passthrough`: it hands on
+    whatever Ollama answers, Ollama's own statuses and gin's plain-text 404 and 405 included.
     """
 
     summary: str
@@ -62,10 +95,15 @@ class RouteDoc:
     response: type[BaseModel] | None = None
     status: int = 200
     content_type: str = "application/json"
+    content_types: tuple[str, ...] = ()
     public: bool = False
     errors: tuple[int, ...] = (400, 404)
     request_optional: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
+    params: tuple[Param, ...] = ()
+    retry_after: tuple[int, ...] = ()
+    ollama: bool = False
+    passthrough: bool = False
 
 
 def _route_keys(app: web.Application) -> list[tuple[str, str, str]]:
@@ -85,6 +123,8 @@ def _schemas(docs: Mapping[tuple[str, str], RouteDoc]) -> tuple[dict[Any, str], 
     wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {
         (ErrorResponse, "validation"): None
     }
+    if any(doc.ollama or doc.passthrough for doc in docs.values()):
+        wanted[(OllamaErrorResponse, "validation")] = None
     for doc in docs.values():
         if doc.request is not None:
             wanted[(doc.request, "validation")] = None
@@ -94,11 +134,89 @@ def _schemas(docs: Mapping[tuple[str, str], RouteDoc]) -> tuple[dict[Any, str], 
     return {key: value["$ref"] for key, value in refs.items()}, top.get("$defs", {})
 
 
-def _error_response(status: int, ref: str) -> dict[str, Any]:
-    return {
-        "description": _ERROR_TEXT.get(status, "Error"),
-        "content": {"application/json": {"schema": {"$ref": ref}}},
+def _error_response(status: int, schema: dict[str, Any], plain_text: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if plain_text:
+        content["text/plain"] = {"schema": {"type": "string"}}
+    return {"description": _ERROR_TEXT.get(status, "Error"), "content": content}
+
+
+def _parameters(path: str, doc: RouteDoc) -> list[dict[str, Any]]:
+    """Every path parameter of `path` (in order) and every header `doc` names."""
+    described = {param.name: param for param in doc.params}
+    parameters: list[dict[str, Any]] = []
+    for name in _PARAM.findall(path):
+        param = described.pop(name, None) or Param(name, {"type": "string"})
+        parameters.append(_parameter(param))
+    parameters.extend(_parameter(param) for param in described.values())
+    return parameters
+
+
+def _parameter(param: Param) -> dict[str, Any]:
+    parameter: dict[str, Any] = {
+        "name": param.name,
+        "in": param.location,
+        "required": True if param.location == "path" else param.required,
+        "schema": dict(param.schema),
     }
+    if param.description:
+        parameter["description"] = param.description
+    return parameter
+
+
+def _operation(
+    method: str,
+    path: str,
+    doc: RouteDoc,
+    refs: Mapping[Any, str],
+    token_required: bool,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": doc.summary,
+        "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_') or 'root'}",
+    }
+    if doc.tags:
+        operation["tags"] = list(doc.tags)
+    parameters = _parameters(path, doc)
+    if parameters:
+        operation["parameters"] = parameters
+    if doc.request is not None:
+        operation["requestBody"] = {
+            "required": not doc.request_optional,
+            "content": {
+                "application/json": {"schema": {"$ref": refs[(doc.request, "validation")]}}
+            },
+        }
+    success: dict[str, Any] = {"description": doc.summary}
+    if doc.response is not None:
+        schema = {"$ref": refs[(doc.response, "serialization")]}
+        success["content"] = {"application/json": {"schema": schema}}
+    else:
+        success["content"] = {kind: {} for kind in doc.content_types or (doc.content_type,)}
+    if doc.status in doc.retry_after:
+        success["headers"] = {"Retry-After": dict(_RETRY_AFTER)}
+    responses: dict[str, Any] = {str(doc.status): success}
+    errors = set(doc.errors) | set(_ALWAYS)
+    if doc.request is not None:
+        errors |= {400, 413}
+    if token_required and not doc.public:
+        errors.add(401)
+    if doc.passthrough:
+        errors |= set(_OLLAMA_STATUSES)
+    error_schema: dict[str, Any] = {"$ref": refs[(ErrorResponse, "validation")]}
+    if doc.ollama or doc.passthrough:
+        ollama_ref = {"$ref": refs[(OllamaErrorResponse, "validation")]}
+        error_schema = {"anyOf": [error_schema, ollama_ref]}
+    for status in sorted(errors):
+        plain_text = doc.passthrough and status in _OLLAMA_TEXT_STATUSES
+        answer = _error_response(status, error_schema, plain_text)
+        if status in doc.retry_after:
+            answer["headers"] = {"Retry-After": dict(_RETRY_AFTER)}
+        responses[str(status)] = answer
+    operation["responses"] = responses
+    if doc.public:
+        operation["security"] = []
+    return operation
 
 
 def build_openapi(
@@ -113,7 +231,6 @@ def build_openapi(
     """The OpenAPI 3.1 document of `app`'s routes as described by `docs`, keyed by
     (METHOD or "*", aiohttp path). Raises KeyError naming any route `docs` does not describe."""
     refs, components = _schemas(docs)
-    error_ref = refs[(ErrorResponse, "validation")]
     paths: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     for method, path, table_path in _route_keys(app):
@@ -121,42 +238,7 @@ def build_openapi(
         if doc is None:
             missing.append(f"{method.upper()} {table_path}")
             continue
-        operation: dict[str, Any] = {
-            "summary": doc.summary,
-            "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_') or 'root'}",
-        }
-        if doc.tags:
-            operation["tags"] = list(doc.tags)
-        parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in _PARAM.findall(path)
-        ]
-        if parameters:
-            operation["parameters"] = parameters
-        if doc.request is not None:
-            operation["requestBody"] = {
-                "required": not doc.request_optional,
-                "content": {
-                    "application/json": {"schema": {"$ref": refs[(doc.request, "validation")]}}
-                },
-            }
-        success: dict[str, Any] = {"description": doc.summary}
-        if doc.response is not None:
-            schema = {"$ref": refs[(doc.response, "serialization")]}
-            success["content"] = {"application/json": {"schema": schema}}
-        else:
-            success["content"] = {doc.content_type: {}}
-        responses: dict[str, Any] = {str(doc.status): success}
-        errors = set(doc.errors) | set(_ALWAYS)
-        if doc.request is not None:
-            errors |= {400, 413}
-        if token_required and not doc.public:
-            errors.add(401)
-        for status in sorted(errors):
-            responses[str(status)] = _error_response(status, error_ref)
-        operation["responses"] = responses
-        if doc.public:
-            operation["security"] = []
+        operation = _operation(method, path, doc, refs, token_required)
         paths.setdefault(path, {})[method] = operation
     if missing:
         raise KeyError(f"routes without an OpenAPI entry: {', '.join(missing)}")

@@ -6,8 +6,9 @@ Bytes everywhere; seconds as floats; times as ISO 8601 UTC.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -27,6 +28,32 @@ UNKNOWN_REASON = "ComfyUI no longer knows this prompt (it restarted)"
 ConnectionState = Literal["websocket", "polling", "down"]
 
 MODEL_NAME_MAX = 200
+MODEL_NAME_PATTERN = (
+    r"^[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+$"
+)
+"""A model name: no whitespace and no control characters (Ollama's names are `ns/name:tag`).
+Spelled with explicit code points so that Python and the JSON Schema (ECMA 262) regexes agree."""
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+
+GO_DURATION_PATTERN = r"^[-+]?(0|(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+)$"
+"""A Go `time.Duration` as Ollama parses `keep_alive` strings: "5m", "1h30m", "-1s", "0"."""
+
+MAX_WORKFLOW_NODES = 2000
+"""The most nodes a workflow may have. Real graphs have tens to a few hundred; ComfyUI checks a
+graph recursively and keeps every output, so a far larger one is refused up front with a 400
+instead of tying up the queue (and, for the controller, the output copy) for minutes."""
+
+WORKFLOW_NODE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["class_type"],
+    "properties": {
+        "class_type": {"type": "string", "description": "the node's class, e.g. KSampler"},
+        "inputs": {"type": "object", "description": "input name -> value or [node_id, output]"},
+    },
+    "description": "one node in ComfyUI's API format",
+}
+"""What a workflow node must be: the agent checks that it is an object and ComfyUI the rest; the
+controller checks its class_type and inputs itself before it queues the job."""
 
 
 class WireModel(BaseModel):
@@ -35,20 +62,54 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RequestModel(WireModel):
+    """Base of every request body: strict types, so `0` is no boolean and `"512"` no integer;
+    what the schema calls invalid, the service refuses."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def integral(value: object) -> object:
+    """A request's integer field, before its strict check: JSON Schema counts 677.0 as an
+    integer, and so does the service; a string or a boolean still is none."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class ErrorBody(WireModel):
+    """An error: a stable `code` to act on, a `message` for people, and optional `details`."""
+
     code: str
     message: str
     details: dict[str, Any] | None = None
 
 
 class ErrorResponse(WireModel):
+    """Every error the services themselves answer: `{"error": {"code", "message"}}`."""
+
     error: ErrorBody
+
+
+class OllamaErrorResponse(WireModel):
+    """An error in Ollama's own shape, `{"error": "..."}`, as Ollama's API answers it."""
+
+    error: str
+
+
+class AgentHealth(WireModel):
+    """`GET /healthz`: the agent is up; how its telemetry is."""
+
+    status: Literal["ok"]
+    telemetry: TelemetryStatus
 
 
 # -- telemetry -------------------------------------------------------------------------------
 
 
 class GpuProcessInfo(WireModel):
+    """A process using a GPU, the service it belongs to, and its GPU memory (null when unknown)."""
+
     pid: int
     owner: Owner
     name: str | None
@@ -56,6 +117,8 @@ class GpuProcessInfo(WireModel):
 
 
 class GpuInfo(WireModel):
+    """One GPU: its memory, utilization, temperature and power, and the processes using it."""
+
     index: int
     uuid: str
     name: str
@@ -73,6 +136,8 @@ class GpuInfo(WireModel):
 
 
 class HostInfo(WireModel):
+    """The host's CPU load and memory."""
+
     cpu_percent: float
     cpu_count: int
     load_1m: float
@@ -85,6 +150,8 @@ class HostInfo(WireModel):
 
 
 class TelemetryInfo(WireModel):
+    """The latest GPU and host reading: when it was taken and, if degraded, why."""
+
     status: TelemetryStatus
     reason: str | None
     backend: str | None
@@ -100,6 +167,8 @@ class TelemetryInfo(WireModel):
 
 
 class AvailableModelInfo(WireModel):
+    """A model Ollama has on disk."""
+
     name: str
     size_bytes: int
     family: str | None
@@ -108,6 +177,8 @@ class AvailableModelInfo(WireModel):
 
 
 class ResidentModelInfo(WireModel):
+    """A model Ollama has in memory, and the requests it is serving."""
+
     name: str
     size_bytes: int
     vram_bytes: int
@@ -118,6 +189,8 @@ class ResidentModelInfo(WireModel):
 
 
 class OllamaInfo(WireModel):
+    """Ollama: whether it answers, its models on disk and in memory, and requests in flight."""
+
     reachable: bool
     error: str | None
     version: str | None
@@ -128,25 +201,39 @@ class OllamaInfo(WireModel):
 
 
 def _check_model_name(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("model must not be empty")
-    if len(value) > MODEL_NAME_MAX or any(ch.isspace() or ord(ch) < 32 for ch in value):
-        raise ValueError("model is not a valid model name")
+    if not _MODEL_NAME.match(value):
+        raise ValueError("model is not a valid model name (no spaces or control characters)")
     return value
 
 
-class LoadRequest(WireModel):
-    model: str
-    keep_alive: str | float | None = Field(
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        json_schema_extra={"pattern": MODEL_NAME_PATTERN},
+        description="an Ollama model name, e.g. qwen2.5:14b",
+    ),
+]
+GoDuration = Annotated[str, Field(pattern=GO_DURATION_PATTERN)]
+
+
+class LoadRequest(RequestModel):
+    """A model to load, how long Ollama keeps it, and its context length in tokens."""
+
+    model: ModelName
+    keep_alive: float | GoDuration | None = Field(
         default=None, description="Ollama keep_alive: seconds, a Go duration, or negative=forever"
     )
     num_ctx: int | None = Field(default=None, ge=256, le=1_048_576)
 
     _name = field_validator("model")(_check_model_name)
+    _integral = field_validator("num_ctx", mode="before")(integral)
 
 
 class LoadResult(WireModel):
+    """A finished load: how long it took and the memory the model holds."""
+
     model: str
     already_resident: bool
     load_time_s: float
@@ -158,14 +245,18 @@ class LoadResult(WireModel):
     )
 
 
-class UnloadRequest(WireModel):
-    model: str
+class UnloadRequest(RequestModel):
+    """A model to unload; `force` unloads it even while it serves requests."""
+
+    model: ModelName
     force: bool = False
 
     _name = field_validator("model")(_check_model_name)
 
 
 class UnloadResult(WireModel):
+    """A finished unload: the memory that came back, how long it took, and what confirmed it."""
+
     model: str
     was_resident: bool
     freed_bytes: int
@@ -177,6 +268,8 @@ class UnloadResult(WireModel):
 
 
 class OutputFileInfo(WireModel):
+    """A file a prompt wrote, as ComfyUI names it."""
+
     node_id: str
     filename: str
     subfolder: str
@@ -184,6 +277,8 @@ class OutputFileInfo(WireModel):
 
 
 class PromptInfo(WireModel):
+    """A ComfyUI prompt: its state, progress, output files and, if it failed, why."""
+
     prompt_id: str
     state: PromptState
     submitted_at: datetime
@@ -200,8 +295,25 @@ class PromptInfo(WireModel):
     reason: str | None
 
 
-class PromptSubmit(WireModel):
-    workflow: dict[str, Any]
+Workflow = Annotated[
+    dict[str, Any],
+    Field(
+        description="a ComfyUI workflow in API format: node id -> node",
+        json_schema_extra={
+            "minProperties": 1,
+            "maxProperties": MAX_WORKFLOW_NODES,
+            "additionalProperties": WORKFLOW_NODE_SCHEMA,
+        },
+    ),
+]
+"""A workflow as the wire takes it; the JSON Schema says what `gpu_common.http.check_workflow`
+and the models' validators check, so their own error messages stay the ones a client sees."""
+
+
+class PromptSubmit(RequestModel):
+    """A workflow to queue on ComfyUI; sending a `prompt_id` again returns that prompt."""
+
+    workflow: Workflow
     prompt_id: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
     )
@@ -214,18 +326,24 @@ class PromptSubmit(WireModel):
         return value
 
 
-class FreeRequest(WireModel):
+class FreeRequest(RequestModel):
+    """What ComfyUI should release: its loaded models, its cached memory, or both."""
+
     unload_models: bool = True
     free_memory: bool = True
 
 
 class FreeResult(WireModel):
+    """A finished free: the GPU memory that came back, how long it took, and what confirmed it."""
+
     freed_bytes: int
     wait_s: float
     confirmed_by: Literal["nvml", "comfyui"]
 
 
 class ComfyUIInfo(WireModel):
+    """ComfyUI: whether it answers, how the agent follows it, its queue and its recent prompts."""
+
     reachable: bool
     connection: ConnectionState
     last_message_age_s: float | None
@@ -238,6 +356,8 @@ class ComfyUIInfo(WireModel):
 
 
 class AgentStatus(WireModel):
+    """A snapshot of the desktop: GPU and host telemetry, Ollama and ComfyUI."""
+
     agent: str
     version: str
     started_at: datetime

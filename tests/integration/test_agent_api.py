@@ -487,6 +487,19 @@ async def test_a_client_hanging_up_mid_stream_frees_its_place(
         assert again.json()["done"] is True
 
 
+async def test_the_model_named_in_x_gpu_model_is_the_one_counted(agent: RunningAgent) -> None:
+    # The controller names the model in the header, so the agent need not parse the body; the
+    # header is what counts (here on purpose not the body's model, to tell them apart).
+    named = "named-by-the-controller:1b"
+    async with api_client(agent, **AUTH, **{"X-GPU-Model": named}) as http:
+        body = {"model": QWEN, "prompt": LONG_PROMPT, "options": {"num_predict": 4096}}
+        async with http.stream("POST", "/api/generate", json=body) as response:
+            first = await _read_line(response.aiter_lines())
+            assert first["model"] == QWEN
+            assert agent.service.in_flight == {named: 1}
+    await wait_until(lambda: agent.service.in_flight == {}, what="the request to end")
+
+
 async def test_unload_of_a_busy_model_needs_force(agent: RunningAgent, desktop: SimDesktop) -> None:
     async with api_client(agent) as http:
         body = {"model": QWEN, "prompt": LONG_PROMPT, "options": {"num_predict": 4096}}

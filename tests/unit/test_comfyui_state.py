@@ -1,18 +1,14 @@
-"""The ComfyUI prompt-state core: message sequences, reconciliation table, reconnect delays."""
+"""The ComfyUI prompt-state core: message sequences, reconciliation table, purity."""
 
 from __future__ import annotations
 
 import ast
-import itertools
 import json
-import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 import gpu_agent.comfyui_state as core
 from gpu_agent.comfyui_state import (
@@ -27,7 +23,6 @@ from gpu_agent.comfyui_state import (
     parse_message,
     queue_prompt_ids,
     reconcile,
-    reconnect_delays,
     request_cancel,
 )
 from gpu_common.schema import FINAL_STATES, OOM_REASON, UNKNOWN_REASON
@@ -417,53 +412,6 @@ def test_history_fills_missing_outputs_of_a_success_without_moving_it() -> None:
     assert apply_history(unknown.track, SUCCESS, at(60)).track == unknown.track
 
 
-# -- reconnect delays ----------------------------------------------------------------------
-
-
-def test_delays_double_up_to_the_cap_without_jitter() -> None:
-    delays = list(itertools.islice(reconnect_delays(0.5, 10.0, jitter=0.0), 8))
-    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
-
-
-@given(
-    initial_s=st.floats(0.01, 5.0),
-    ratio=st.floats(1.0, 100.0),
-    jitter=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**32),
-)
-def test_delays_stay_within_bounds(
-    initial_s: float, ratio: float, jitter: float, seed: int
-) -> None:
-    max_s = initial_s * ratio
-    rng = random.Random(seed)
-    delays = list(
-        itertools.islice(reconnect_delays(initial_s, max_s, jitter=jitter, uniform=rng.random), 30)
-    )
-    base = initial_s
-    for delay in delays:
-        assert base * (1 - jitter) - 1e-9 <= delay <= base + 1e-9
-        assert delay <= max_s + 1e-9
-        base = min(max_s, base * 2)
-
-
-def test_jitter_spreads_delays_of_clients_that_start_together() -> None:
-    firsts = {
-        next(reconnect_delays(1.0, 10.0, uniform=random.Random(seed).random)) for seed in range(20)
-    }
-    assert len(firsts) > 10
-
-
-@pytest.mark.parametrize(
-    ("initial_s", "max_s", "factor", "jitter"),
-    [(0.0, 1.0, 2.0, 0.5), (2.0, 1.0, 2.0, 0.5), (1.0, 2.0, 0.5, 0.5), (1.0, 2.0, 2.0, 1.5)],
-)
-def test_delays_reject_nonsense_settings(
-    initial_s: float, max_s: float, factor: float, jitter: float
-) -> None:
-    with pytest.raises(ValueError, match="need"):
-        next(reconnect_delays(initial_s, max_s, factor=factor, jitter=jitter))
-
-
 # -- purity --------------------------------------------------------------------------------
 
 
@@ -477,6 +425,6 @@ def test_the_core_does_no_io() -> None:
             # The wire schema's state names are values; anything else of ours would be I/O.
             module = node.module
             imported.add(module if module == "gpu_common.schema" else module.split(".")[0])
-    allowed = {"__future__", "collections", "dataclasses", "datetime", "json", "random", "typing"}
+    allowed = {"__future__", "collections", "dataclasses", "datetime", "json", "typing"}
     allowed.add("gpu_common.schema")
     assert imported <= allowed, imported - allowed
