@@ -26,6 +26,7 @@ from email.message import Message
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import aiohttp
 import httpx
 from pydantic import BaseModel, ValidationError
 from tenacity import (
@@ -40,6 +41,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from controller.errors import AgentRejected, AgentUnavailable
 from gpu_common import clock
+from gpu_common.backoff import Backoff
 from gpu_common.schema import (
     AgentEvent,
     AgentStatus,
@@ -65,18 +67,12 @@ GET_RETRY_MAX_S = 1.0
 EVENT_MAX_BYTES = 16 * 1024 * 1024
 # Error bodies are quoted into messages; a misbehaving server must not flood the logs.
 ERROR_TEXT_MAX = 300
-
-
-def reconnect_delays(
-    initial_s: float, max_s: float, rng: random.Random, *, factor: float = 2.0
-) -> Iterator[float]:
-    """Endless reconnect delays: exponential from `initial_s`, capped at `max_s`, each drawn
-    uniformly from the upper half of its step so that many controllers do not reconnect in step.
-    """
-    step_s = initial_s
-    while True:
-        yield rng.uniform(step_s / 2, step_s)
-        step_s = min(max_s, step_s * factor)
+# Names the model a streamed request occupies, for the agent (`ollama_stream`).
+MODEL_HEADER = "X-GPU-Model"
+# Connections to one agent: room for 64 concurrent streams and the REST calls beside them,
+# every one kept open between requests so that none is reopened under load.
+MAX_CONNECTIONS = 256
+MAX_KEEPALIVE_CONNECTIONS = 128
 
 
 def ws_url(base_url: str, path: str) -> str:
@@ -124,6 +120,29 @@ def is_agent_error(body: bytes) -> bool:
     return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
 
 
+class OllamaStream:
+    """An answer of the agent's `/api/*` pass-through, open inside `AgentLink.ollama_stream`:
+    its status, its headers (case-insensitive) and its body as it arrives."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status_code = response.status
+        self.headers = response.headers
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes, each piece as soon as it arrives."""
+        return self._response.content.iter_any()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived and been read: the latest piece was the last."""
+        return self._response.content.at_eof()
+
+    async def aread(self) -> bytes:
+        """The whole body (what is left of it)."""
+        return await self._response.read()
+
+
 def attachment_filename(content_disposition: str | None) -> str | None:
     """The filename of a `Content-Disposition: attachment; filename="..."` header."""
     if not content_disposition:
@@ -140,7 +159,7 @@ class AgentLink:
     wait is bounded: `request_timeout_s` for ordinary calls, `load_timeout_s` for model loads,
     unloads (which queue behind a load on the agent) and Ollama streams (whose first byte may
     wait for a load), `free_timeout_s` for `/v1/comfyui/free`. Times for `age_s()` and `health()`
-    come from `monotonic`.
+    come from `monotonic`; the jitter of the reconnect backoff comes from `rng`.
     """
 
     def __init__(
@@ -158,6 +177,7 @@ class AgentLink:
         on_event: Callable[[str, AgentEvent], None] | None = None,
         monotonic: Callable[[], float] = clock.monotonic_s,
         transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
@@ -172,8 +192,10 @@ class AgentLink:
         self._on_event = on_event
         self._monotonic = monotonic
         self._transport = transport
-        self._rng = random.Random()
+        # Reconnect jitter draws from `rng`; a seeded one replays a run exactly.
+        self._rng = rng if rng is not None else random.Random()
         self._http: httpx.AsyncClient | None = None
+        self._stream_http: aiohttp.ClientSession | None = None
         self._follower: asyncio.Task[None] | None = None
         self._status: AgentStatus | None = None
         self._snapshot_at: float | None = None
@@ -220,6 +242,9 @@ class AgentLink:
         http, self._http = self._http, None
         if http is not None:
             await http.aclose()
+        streams, self._stream_http = self._stream_http, None
+        if streams is not None:
+            await streams.close()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -289,7 +314,7 @@ class AgentLink:
     # -- the event stream -----------------------------------------------------------------
 
     async def _follow(self) -> None:
-        delays = reconnect_delays(self.reconnect_initial_s, self.reconnect_max_s, self._rng)
+        backoff = Backoff(self.reconnect_initial_s, self.reconnect_max_s, rng=self._rng)
         while True:
             try:
                 async with connect(
@@ -309,9 +334,7 @@ class AgentLink:
                     # Only a stream that delivered something resets the backoff, so an agent
                     # that accepts and drops at once is not hammered.
                     if await self._read(ws):
-                        delays = reconnect_delays(
-                            self.reconnect_initial_s, self.reconnect_max_s, self._rng
-                        )
+                        backoff.reset()
                     reason = _close_reason(ws)
             except asyncio.CancelledError:
                 raise
@@ -327,7 +350,7 @@ class AgentLink:
                 log.exception("agent %s: unexpected error on the event stream", self.name)
                 reason = f"unexpected error: {_describe(exc)}"
             self._set_down(reason)
-            await asyncio.sleep(next(delays))
+            await backoff.sleep()
 
     async def _read(self, ws: ClientConnection) -> bool:
         """Handle messages until the stream ends; whether any message arrived."""
@@ -441,32 +464,51 @@ class AgentLink:
         return response.content, filename or f"{prompt_id}-{index}", content_type
 
     @contextlib.asynccontextmanager
-    async def ollama_stream(self, path: str, body: bytes) -> AsyncIterator[httpx.Response]:
-        """`POST /api/<path>` through the agent, streamed: yields the open response.
+    async def ollama_stream(
+        self, path: str, body: bytes, *, model: str | None = None
+    ) -> AsyncIterator[OllamaStream]:
+        """`POST /api/<path>` through the agent, streamed: yields the open answer.
 
-        Ollama's own answers, errors included, are yielded as they are, for the caller to pass
-        through. The agent's own errors (its JSON error body) raise as usual. Transport errors
-        while the caller reads the body also become `AgentUnavailable`.
+        `model`, the model `body` names, travels in the `X-GPU-Model` header too, so the agent
+        knows which model the request occupies without parsing the body. Ollama's own answers,
+        errors included, are yielded as they are, for the caller to pass through. The agent's
+        own errors (its JSON error body) raise as usual. Transport errors while the caller
+        reads the body also become `AgentUnavailable`.
+
+        Streams go over aiohttp's client, which costs a request less than httpx's; the other
+        calls keep httpx. Until the agent's headers arrive the wait is `load_timeout_s` (the
+        first byte may wait for a load), and so is each wait for more of the body.
         """
+        what = f"POST {ollama_path(path)}"
         timeout = self._timeout(self.load_timeout_s)
-        client = self._client()
-        with self._converted(f"POST {ollama_path(path)}", timeout):
-            request = client.build_request(
-                "POST",
-                ollama_path(path),
-                content=body,
-                headers={"Content-Type": "application/json"},
-                timeout=timeout,
-            )
-            response = await client.send(request, stream=True)
-            try:
-                if response.status_code >= 400:
-                    await response.aread()
-                    if is_agent_error(response.content):
-                        self._raise_for_status(response)
-                yield response
-            finally:
-                await response.aclose()
+        headers = {"Content-Type": "application/json"}
+        if model is not None:
+            headers[MODEL_HEADER] = model
+        session = self._streams()
+        try:
+            async with asyncio.timeout(self.load_timeout_s):
+                with self._converted(what, timeout):
+                    response = await session.post(
+                        self.url + ollama_path(path), data=body, headers=headers
+                    )
+        except TimeoutError as exc:
+            raise AgentUnavailable(
+                self.name, f"{what} timed out (no answer, limit {self.load_timeout_s} s)"
+            ) from exc
+        except ConnectionResetError as exc:
+            # Here a write to the agent: no caller's client is written to before the yield.
+            raise AgentUnavailable(self.name, f"{what} failed: {_describe(exc)}") from exc
+        try:
+            with self._converted(what, timeout):
+                if response.status >= 400:
+                    answer = await response.read()
+                    if is_agent_error(answer):
+                        self._raise_for_answer(response.status, answer)
+                yield OllamaStream(response)
+        finally:
+            # Back to the pool when the answer was read to its end, else closed: that tells
+            # the agent (and Ollama) to stop generating for a caller that went away.
+            response.release()
 
     async def ollama_get(self, path: str) -> Any:
         """`GET /api/<path>` (tags, ps, version) through the agent; the decoded JSON."""
@@ -490,11 +532,32 @@ class AgentLink:
                 headers=self._headers,
                 timeout=self._timeout(None),
                 transport=self._transport,
-                limits=httpx.Limits(keepalive_expiry=clock.http_keepalive_expiry_s()),
+                limits=httpx.Limits(
+                    max_connections=MAX_CONNECTIONS,
+                    max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
+                    keepalive_expiry=clock.http_keepalive_expiry_s(),
+                ),
                 # Agents are on the LAN; a proxy from the environment must not see the token.
                 trust_env=False,
             )
         return self._http
+
+    def _streams(self) -> aiohttp.ClientSession:
+        if self._stream_http is None or self._stream_http.closed:
+            # Idle connections are kept for aiohttp's default 15 s, timed on the loop's clock.
+            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
+            self._stream_http = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=self.request_timeout_s,  # a free connection, or a new one
+                    sock_read=self.load_timeout_s,  # each read; the first may wait for a load
+                ),
+                # Agents are on the LAN; a proxy from the environment must not see the token.
+                trust_env=False,
+            )
+        return self._stream_http
 
     def _timeout(self, read_timeout_s: float | None) -> httpx.Timeout:
         return httpx.Timeout(self.request_timeout_s, read=read_timeout_s or self.request_timeout_s)
@@ -546,6 +609,19 @@ class AgentLink:
     def _converted(self, what: str, timeout: httpx.Timeout) -> Iterator[None]:
         try:
             yield
+        except ConnectionResetError:
+            # A write to the caller's own client inside a stream's block (aiohttp's server
+            # raises a subclass of aiohttp.ClientError): not the agent's failure.
+            raise
+        except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
+            is_connect = isinstance(exc, aiohttp.ConnectionTimeoutError)
+            limit_s = timeout.connect if is_connect else timeout.read
+            raise AgentUnavailable(
+                self.name, f"{what} timed out ({type(exc).__name__}, limit {limit_s} s)"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise AgentUnavailable(self.name, f"{what} failed: {detail}") from exc
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ReadTimeout):
                 limit_s = timeout.read
@@ -563,10 +639,12 @@ class AgentLink:
             raise AgentUnavailable(self.name, f"{what} failed: {detail}") from exc
 
     def _raise_for_status(self, response: httpx.Response) -> None:
-        status = response.status_code
+        self._raise_for_answer(response.status_code, response.content)
+
+    def _raise_for_answer(self, status: int, body: bytes) -> None:
         if status < 400:
             return
-        code, message = error_fields(status, response.content)
+        code, message = error_fields(status, body)
         if status >= 500:
             raise AgentUnavailable(self.name, f"{status} {code}: {message}")
         raise AgentRejected(self.name, status, code, message)
@@ -612,4 +690,4 @@ def _close_reason(ws: ClientConnection) -> str:
     return f"stream closed by the agent ({ws.close_code}{reason})"
 
 
-__all__ = ["AgentLink", "reconnect_delays"]
+__all__ = ["AgentLink"]

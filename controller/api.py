@@ -10,6 +10,7 @@ are checked on every request (`gpu_common.hosts`); `/openapi.json` describes eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,11 +26,25 @@ from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest
 from controller.domain.workflows import image_key
 from controller.engine import Engine
-from controller.errors import AgentError
+from controller.errors import AgentError, IdempotencyKeyReused
 from controller.metrics import make_registry, render
-from controller.schema import FleetInfo, ImageJobInfo, ImageSubmit, ModelsInfo
+from controller.schema import (
+    MAX_LATENT_BATCH,
+    MAX_LATENT_SIDE,
+    ControllerHealth,
+    FleetInfo,
+    ImageJobInfo,
+    ImageSubmit,
+    ModelsInfo,
+    OllamaChatRequest,
+    OllamaGenerateRequest,
+    OllamaModelList,
+    OllamaShowRequest,
+    OllamaVersion,
+)
+from controller.store import JobRecord
 from gpu_common import clock
-from gpu_common.errors import BadRequest, NotFound
+from gpu_common.errors import BadRequest, Conflict, NotFound
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import (
     auth_middleware,
@@ -38,7 +53,7 @@ from gpu_common.http import (
     parse_json,
     read_model,
 )
-from gpu_common.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
+from gpu_common.openapi import OPENAPI_PATH, Param, RouteDoc, add_openapi_route
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +68,15 @@ _CONSTRAINTS = ("min_quality", "max_latency_s")
 _MAX_FINAL_LINE = 4 * 1024 * 1024
 # The largest context or output length taken into a latency estimate (Ollama caps them anyway).
 _MAX_TOKENS = 1 << 20
-# ComfyUI's own limits on a latent (MAX_RESOLUTION, EmptyLatentImage's batch_size); it refuses
-# more, and the job store keeps these as 64-bit integers.
-_MAX_SIDE = 16384
-_MAX_BATCH = 4096
+# Idempotency keys are kept a day (the IETF draft leaves expiry to the server); a claim not
+# bound to a job within a minute belonged to a request that died with the process.
+_IDEMPOTENCY_KEEP_S = 86400.0
+_IDEMPOTENCY_STALE_S = 60.0
+_MAX_IDEMPOTENCY_KEY = 255
+# Retry-After on a held job's submission, in seconds.
+_HELD_RETRY_AFTER_S = 5
+# The largest output index documented; larger ones name no output either (404).
+_MAX_OUTPUT_INDEX = 2**31 - 1
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
@@ -91,6 +111,11 @@ async def _ollama_body(request: web.Request) -> dict[str, Any]:
     messages = body.get("messages")
     if messages is not None and not isinstance(messages, list):
         raise BadRequest("messages must be a list")
+    for name in _CONSTRAINTS:
+        # In the body a constraint is a JSON number; only its header spells it as text.
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise BadRequest(f"{name} must be a number")
     return body
 
 
@@ -142,40 +167,73 @@ async def _generate(request: web.Request, path: str) -> web.StreamResponse:
     route = await engine.llm.acquire(llm_request, num_ctx=_positive_int(options.get("num_ctx")))
     try:
         body["model"] = route.model
-        async with route.link.ollama_stream(path, json.dumps(body).encode()) as upstream:
-            response = web.StreamResponse(status=upstream.status_code)
-            response.content_type = upstream.headers.get("Content-Type", "application/json").split(
-                ";"
-            )[0]
+        # Parsed once above and serialised once here; the agent learns the model from the
+        # header and passes the bytes on unread.
+        forwarded = json.dumps(body).encode()
+        async with route.link.ollama_stream(path, forwarded, model=route.model) as upstream:
+            pieces = upstream.aiter_raw()
+            first = await anext(pieces, b"")
+            final = _FinalLine(first)
+            # An answer complete at its first read (not streamed, or short) goes out as one
+            # plain response, headers and body in one write; a longer one is streamed.
+            whole = upstream.complete
+            response: web.StreamResponse
+            if whole:
+                response = web.Response(status=upstream.status_code, body=first)
+            else:
+                response = web.StreamResponse(status=upstream.status_code)
+            content_type = upstream.headers.get("Content-Type", "application/json")
+            response.content_type = content_type.split(";")[0]
             response.headers["X-GPU-Model"] = route.model
             response.headers["X-GPU-Agent"] = route.agent
             response.headers["X-GPU-Reason"] = _ascii(route.reason)
-            await response.prepare(request)
-            last_line, partial = b"", b""
-            async for chunk in upstream.aiter_raw():
-                await response.write(chunk)
-                partial += chunk
-                if b"\n" in partial:
-                    *complete, partial = partial.split(b"\n")
-                    last_line = next(
-                        (line for line in reversed(complete) if line.strip()), last_line
-                    )
-                if len(partial) > _MAX_FINAL_LINE:
-                    partial = b""
+            last = b""
+            if not whole:
+                await response.prepare(request)
+                await response.write(first)
+                async for chunk in pieces:
+                    final.feed(chunk)
+                    if upstream.complete:
+                        last = chunk  # sent with the end of the stream, in one write
+                        break
+                    await response.write(chunk)
             # The model is free once the answer is complete: release before the caller sees
             # the end, or its next request could find the model still counted as busy.
             engine.llm.release(route)
-            await response.write_eof()
-        final_line = partial if partial.strip() else last_line
-        try:
-            final = json.loads(final_line) if final_line else {}
-        except ValueError:
-            final = {}
-        if upstream.status_code == 200 and isinstance(final, dict):
-            await engine.llm.record(route, final)
+            await response.prepare(request)
+            await response.write_eof(last)
+        learned = final.value()
+        if upstream.status_code == 200 and learned is not None:
+            await engine.llm.record(route, learned)
         return response
     finally:
         engine.llm.release(route)
+
+
+class _FinalLine:
+    """The last NDJSON line of an answer fed piece by piece: Ollama's final line, with the
+    counters the speeds are learned from. A line longer than `_MAX_FINAL_LINE` is not kept."""
+
+    def __init__(self, first: bytes = b"") -> None:
+        self._line = b""
+        self._partial = b""
+        self.feed(first)
+
+    def feed(self, piece: bytes) -> None:
+        partial = self._partial + piece
+        if b"\n" in partial:
+            *complete, partial = partial.split(b"\n")
+            self._line = next((line for line in reversed(complete) if line.strip()), self._line)
+        self._partial = partial if len(partial) <= _MAX_FINAL_LINE else b""
+
+    def value(self) -> dict[str, Any] | None:
+        """The last line as a JSON object; None when it is not one."""
+        line = self._partial if self._partial.strip() else self._line
+        try:
+            value = json.loads(line) if line else {}
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
 
 
 async def api_generate(request: web.Request) -> web.StreamResponse:
@@ -274,17 +332,103 @@ async def submit_image(request: web.Request) -> web.Response:
         raise BadRequest("workflow must have at least one node")
     check_workflow(body.workflow)
     key = image_key(body.workflow)
-    if key.width > _MAX_SIDE or key.height > _MAX_SIDE or key.batch > _MAX_BATCH:
+    # ComfyUI refuses larger latents, and the job store keeps these as 64-bit integers.
+    if key.width > MAX_LATENT_SIDE or key.height > MAX_LATENT_SIDE or key.batch > MAX_LATENT_BATCH:
         raise BadRequest(
             f"latent of {key.width}x{key.height}, batch {key.batch}, is beyond ComfyUI's limits "
-            f"({_MAX_SIDE} a side, batch {_MAX_BATCH})"
+            f"({MAX_LATENT_SIDE} a side, batch {MAX_LATENT_BATCH})"
         )
-    record = await engine.images.submit(
-        body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
-    )
+    idempotency_key = _idempotency_key(request)
+    if idempotency_key is None:
+        record = await engine.images.submit(
+            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
+        )
+    else:
+        record = await _submit_once(engine, idempotency_key, body)
     response = _json(engine.images.info(record), status=202)
     response.headers["Location"] = f"/v1/images/{record.job_id}"
+    if record.state == "held":
+        # A held job is planned again on every change; a caller that gave its worker back
+        # asks again after this long (resubmitting with the same key reattaches).
+        response.headers["Retry-After"] = str(_HELD_RETRY_AFTER_S)
     return response
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    """The `Idempotency-Key` header: a structured-field string (`"..."`, RFC 8941) as the IETF
+    draft has it, or, as many clients send it, a bare token. None when absent."""
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.startswith('"'):
+        key = _sf_string(raw)
+    else:
+        key = raw
+        if '"' in key or " " in key:
+            raise BadRequest('Idempotency-Key must be a quoted string ("...") or a bare token')
+    if not key or len(key) > _MAX_IDEMPOTENCY_KEY or not all(" " <= ch <= "~" for ch in key):
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )
+    return key
+
+
+def _sf_string(raw: str) -> str:
+    """The value of a structured-field string (RFC 8941 3.3.3): `\\"` and `\\\\` are
+    its only escapes, and it ends at the closing quote."""
+    chars: list[str] = []
+    index = 1
+    while index < len(raw):
+        char = raw[index]
+        if char == "\\":
+            if index + 1 >= len(raw) or raw[index + 1] not in '"\\':
+                raise BadRequest("Idempotency-Key: a string may escape only '\"' and '\\'")
+            chars.append(raw[index + 1])
+            index += 2
+        elif char == '"':
+            if index != len(raw) - 1:
+                raise BadRequest("Idempotency-Key: text after the closing quote")
+            return "".join(chars)
+        else:
+            chars.append(char)
+            index += 1
+    raise BadRequest("Idempotency-Key: the string has no closing quote")
+
+
+async def _submit_once(engine: Engine, key: str, body: ImageSubmit) -> JobRecord:
+    """The job for `key`: made now for a new key, the one made before for a repeated request.
+
+    The same key with a different request is refused (422), and so is a repeat while the
+    first request with that key is still being served (409), as the IETF draft says."""
+    digest = hashlib.sha256(
+        json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    claim = await engine.store.claim_key(
+        key,
+        digest,
+        now=engine.wall(),
+        expires_after_s=_IDEMPOTENCY_KEEP_S,
+        stale_claim_s=_IDEMPOTENCY_STALE_S,
+    )
+    if claim.outcome == "mismatch":
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was used with a different request (job {claim.job_id})"
+        )
+    if claim.outcome == "in_progress":
+        raise Conflict(f"a request with Idempotency-Key {key!r} is still being served")
+    if claim.outcome == "replay":
+        assert claim.job_id is not None
+        return await engine.images.get(claim.job_id)
+    try:
+        record = await engine.images.submit(
+            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
+        )
+    except BaseException:
+        await engine.store.release_key(key)
+        raise
+    await engine.store.bind_key(key, record.job_id)
+    return record
 
 
 async def get_image(request: web.Request) -> web.Response:
@@ -304,9 +448,13 @@ async def image_events(request: web.Request) -> web.StreamResponse:
     await engine.images.get(job_id)  # 404 before the stream starts
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    async for info in engine.images.watch(job_id):
-        await response.write(info.model_dump_json().encode() + b"\n")
-    await response.write_eof()
+    try:
+        async for info in engine.images.watch(job_id):
+            await response.write(info.model_dump_json().encode() + b"\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        # The follower hung up (a held job may wait for hours); the job goes on without it.
+        log.info("the follower of image job %s went away", job_id)
     return response
 
 
@@ -393,10 +541,44 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     return app
 
 
-_OLLAMA_ERRORS = (400, 404, 502, 503)
+# What `_idempotency_key` takes: a bare token (printable ASCII, no space or '"'), or a
+# structured-field string whose characters (an escaped '"' or '\\' counting as one) are
+# printable ASCII; 1 to 255 of them either way.
+_IDEMPOTENCY_KEY_PATTERN = r'^([!#-~]{1,N}|"([ !#-\[\]-~]|\\["\\]){1,N}")$'.replace(
+    "N", str(_MAX_IDEMPOTENCY_KEY)
+)
+_JOB_ID_PARAM = Param("job_id", {"type": "string", "pattern": _JOB_ID.pattern})
+_OUTPUT_INDEX_PARAM = Param(
+    "index",
+    {"type": "integer", "minimum": 0, "maximum": _MAX_OUTPUT_INDEX},
+    description="0 for the first output; an index the job does not have answers 404",
+)
+# The constraints may come as headers instead of body fields (the body wins).
+_CONSTRAINT_HEADERS = (
+    Param(
+        "X-GPU-Min-Quality",
+        {"type": "number", "minimum": 0},
+        location="header",
+        required=False,
+        description="the least quality score acceptable, when the body names none",
+    ),
+    Param(
+        "X-GPU-Max-Latency-S",
+        {"type": "number", "minimum": 0},
+        location="header",
+        required=False,
+        description="the longest acceptable answer time in seconds, when the body names none",
+    ),
+)
+# An LLM route hands on the agent's answer, Ollama's own errors included; 503 with Retry-After
+# when nothing can serve the request within limits now.
+_OLLAMA_ERRORS = (400, 404, 500, 502, 503)
+_STREAM_TYPES = ("application/x-ndjson", "application/json")
 
 ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
-    ("GET", "/healthz"): RouteDoc("Liveness and agent health counts", public=True, errors=()),
+    ("GET", "/healthz"): RouteDoc(
+        "Liveness and agent health counts", response=ControllerHealth, public=True, errors=()
+    ),
     ("GET", OPENAPI_PATH): RouteDoc("This document", public=True, errors=()),
     ("GET", "/metrics"): RouteDoc(
         "Prometheus metrics", content_type="text/plain; version=0.0.4", errors=()
@@ -404,35 +586,75 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("GET", "/"): RouteDoc("Ollama's liveness text", content_type="text/plain", errors=()),
     ("POST", "/api/generate"): RouteDoc(
         "Ollama generate; model may be auto, auto:fast or auto:quality",
-        content_type="application/x-ndjson",
+        request=OllamaGenerateRequest,
+        content_types=_STREAM_TYPES,
         errors=_OLLAMA_ERRORS,
+        params=_CONSTRAINT_HEADERS,
+        retry_after=(503,),
+        ollama=True,
     ),
     ("POST", "/api/chat"): RouteDoc(
         "Ollama chat; model may be auto, auto:fast or auto:quality",
-        content_type="application/x-ndjson",
+        request=OllamaChatRequest,
+        content_types=_STREAM_TYPES,
         errors=_OLLAMA_ERRORS,
+        params=_CONSTRAINT_HEADERS,
+        retry_after=(503,),
+        ollama=True,
     ),
-    ("GET", "/api/tags"): RouteDoc("Ollama tags, with the auto intents first", errors=()),
-    ("GET", "/api/ps"): RouteDoc("Ollama ps, over every agent", errors=()),
-    ("POST", "/api/show"): RouteDoc("Ollama show", errors=_OLLAMA_ERRORS),
-    ("GET", "/api/version"): RouteDoc("Ollama version", errors=()),
+    ("GET", "/api/tags"): RouteDoc(
+        "Ollama tags, with the auto intents first", response=OllamaModelList, errors=(), ollama=True
+    ),
+    ("GET", "/api/ps"): RouteDoc(
+        "Ollama ps, over every agent", response=OllamaModelList, errors=(), ollama=True
+    ),
+    ("POST", "/api/show"): RouteDoc(
+        "Ollama show (no body: describes no model, 404)",
+        request=OllamaShowRequest,
+        request_optional=True,
+        errors=(400, 404, 500, 502, 503),
+        ollama=True,
+    ),
+    ("GET", "/api/version"): RouteDoc(
+        "Ollama version", response=OllamaVersion, errors=(), ollama=True
+    ),
     ("POST", "/v1/images"): RouteDoc(
-        "Submit an image job (a ComfyUI workflow in API format)",
+        "Submit an image job (a ComfyUI workflow in API format); with an Idempotency-Key, "
+        "the same key returns the same job",
         request=ImageSubmit,
         response=ImageJobInfo,
         status=202,
-        errors=(400,),
+        errors=(400, 404, 409, 422),
+        params=(
+            Param(
+                "Idempotency-Key",
+                {"type": "string", "pattern": _IDEMPOTENCY_KEY_PATTERN},
+                location="header",
+                required=False,
+                description='a structured-field string ("...") or a bare token naming this '
+                "submission: 1 to 255 printable ASCII characters",
+            ),
+        ),
+        retry_after=(202,),
     ),
-    ("GET", "/v1/images/{job_id}"): RouteDoc("An image job's state", response=ImageJobInfo),
+    ("GET", "/v1/images/{job_id}"): RouteDoc(
+        "An image job's state", response=ImageJobInfo, params=(_JOB_ID_PARAM,)
+    ),
     ("DELETE", "/v1/images/{job_id}"): RouteDoc(
-        "Cancel an image job", response=ImageJobInfo, errors=(400, 404, 502, 503)
+        "Cancel an image job",
+        response=ImageJobInfo,
+        errors=(400, 404, 409, 502, 503),
+        params=(_JOB_ID_PARAM,),
     ),
     ("GET", "/v1/images/{job_id}/events"): RouteDoc(
         "NDJSON: the job's ImageJobInfo each time it changes, until it ends",
         content_type="application/x-ndjson",
+        params=(_JOB_ID_PARAM,),
     ),
     ("GET", "/v1/images/{job_id}/outputs/{index}"): RouteDoc(
-        "The n-th output image of a job", content_type="image/png"
+        "The n-th output image of a job",
+        content_type="image/png",
+        params=(_JOB_ID_PARAM, _OUTPUT_INDEX_PARAM),
     ),
     ("GET", "/v1/models"): RouteDoc(
         "Catalogue with learned speeds and footprints", response=ModelsInfo, errors=()

@@ -56,6 +56,9 @@ _BACKOFF_MAX_S = 2.0
 _RESUBSCRIBE_S = 0.2
 # Error messages quote at most this much of a body that is not the API's error shape.
 _SNIPPET_CHARS = 300
+# Connections to the controller, and how many of them stay open between requests.
+MAX_CONNECTIONS = 256
+MAX_KEEPALIVE_CONNECTIONS = 128
 _DEFAULT_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -446,7 +449,12 @@ class StudioClient:
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             transport=transport,
             follow_redirects=False,
-            limits=httpx.Limits(keepalive_expiry=clock.http_keepalive_expiry_s()),
+            # Room for 64 concurrent streams and more, each connection kept for the next.
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS,
+                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
+                keepalive_expiry=clock.http_keepalive_expiry_s(),
+            ),
         )
 
     async def __aenter__(self) -> StudioClient:
@@ -551,6 +559,7 @@ class StudioClient:
         vram_bytes: int | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> ImageJob: ...
 
     @overload
@@ -562,6 +571,7 @@ class StudioClient:
         vram_bytes: int | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> list[bytes]: ...
 
     @overload
@@ -573,6 +583,7 @@ class StudioClient:
         vram_bytes: int | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> ImageJob | list[bytes]: ...
 
     async def generate_image(
@@ -583,6 +594,7 @@ class StudioClient:
         vram_bytes: int | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> ImageJob | list[bytes]:
         """Submit a ComfyUI workflow (API format) as an image job.
 
@@ -590,12 +602,23 @@ class StudioClient:
         `timeout_s`, default the client's) and return its output files' bytes; a job that failed
         or was cancelled raises `JobFailed`, one still going at the limit `StudioTimeout` (whose
         message names the job, which goes on). `vram_bytes` is the peak GPU memory if you know it
-        better than the controller; higher `priority` runs sooner."""
+        better than the controller; higher `priority` runs sooner.
+
+        With an `idempotency_key` (the IETF Idempotency-Key header) the submission is sent
+        again after a timeout or a dropped connection too: the controller answers the same key
+        with the same job, so a retried caller reattaches instead of submitting twice. The
+        handle's `retry_after_s` is the controller's hint for asking again about a held job."""
         body: dict[str, Any] = {"workflow": workflow, "priority": priority}
         if vram_bytes is not None:
             body["vram_bytes"] = vram_bytes
-        response = await self._send("POST", "/v1/images", _Retry.UNSENT, body=body)
+        headers = None
+        policy = _Retry.UNSENT
+        if idempotency_key is not None:
+            headers = {"Idempotency-Key": _sf_string(idempotency_key)}
+            policy = _Retry.IDEMPOTENT
+        response = await self._send("POST", "/v1/images", policy, body=body, headers=headers)
         job = ImageJob(self, _decoded(response, ImageJobInfo, "POST /v1/images"))
+        job.retry_after_s = _retry_after_s(response.headers.get("Retry-After"), clock.utc_now())
         if not wait:
             return job
         info = await job.wait(timeout_s)
@@ -720,6 +743,13 @@ class StudioClient:
         return response.content
 
 
+def _sf_string(value: str) -> str:
+    """`value` as a structured-field string (RFC 8941), the form Idempotency-Key takes."""
+    if not value or not all(" " <= ch <= "~" for ch in value):
+        raise ValueError("an idempotency key must be non-empty printable ASCII")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _job_path(job_id: str) -> str:
     return f"/v1/images/{quote(job_id, safe='')}"
 
@@ -730,6 +760,8 @@ class ImageJob:
     def __init__(self, client: StudioClient, info: ImageJobInfo) -> None:
         self._client = client
         self.info = info
+        # The controller's Retry-After on submission, for a held job (None when not given).
+        self.retry_after_s: float | None = None
 
     @property
     def id(self) -> str:

@@ -7,6 +7,8 @@
         └── AgentError              talking to an agent failed
             ├── AgentUnavailable    connection refused, timed out, or a 5xx
             └── AgentRejected       the agent answered 4xx; carries its code and message
+    RequestError (gpu_common.errors)
+    └── IdempotencyKeyReused        an Idempotency-Key sent again with another request (422)
 
 Each class carries the `code` and HTTP status the controller's API answers with.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from gpu_common.errors import ServiceError
+from gpu_common.errors import RequestError, ServiceError
 
 
 class ControllerError(ServiceError):
@@ -75,3 +77,10 @@ class AgentRejected(AgentError):
         self.status = status
         self.agent_code = agent_code
         self.agent_message = message
+
+
+class IdempotencyKeyReused(RequestError):
+    """An `Idempotency-Key` came again with a different request (the IETF draft's 422)."""
+
+    code = "idempotency_key_reused"
+    http_status = 422

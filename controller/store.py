@@ -8,6 +8,12 @@ after `create` returned, and after a restart `unfinished()` lists every job to r
 `JobStore` is synchronous and owns one connection. `AsyncJobStore` offers the same calls as
 coroutines, run in order on one dedicated worker thread that alone makes and uses the connection.
 
+Learned values that change on every request (model speeds) need not cost each request a commit:
+`AsyncJobStore.put_learned_soon` keeps the value in memory and writes every value pending, in
+one transaction, `learned_flush_s` later on the loop's clock, and at `close()`. A crash loses at
+most that last batch of learned values, never a job: jobs are still committed before each call
+returns.
+
 sqlite3 errors become `StoreError` in one place (`_sqlite_errors`). A refused transition raises
 `Conflict`, an update of an unknown job `NotFound`.
 """
@@ -18,19 +24,22 @@ import asyncio
 import builtins
 import enum
 import json
+import logging
 import sqlite3
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypeVar, get_args
 
 from controller.errors import StoreError
 from gpu_common.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["held", "dispatched", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)
@@ -52,6 +61,8 @@ ALLOWED_TRANSITIONS: Final[Mapping[JobState, frozenset[JobState]]] = MappingProx
 # "GPUC" in the database header: tells our file apart from any other SQLite file.
 APPLICATION_ID: Final = 0x47505543
 DEFAULT_BUSY_TIMEOUT_S: Final = 5.0
+# How long a learned value given to `put_learned_soon` may wait in memory before it is written.
+DEFAULT_LEARNED_FLUSH_S: Final = 5.0
 
 # Migration i takes the schema from user_version i to i + 1; append, never edit a released one.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -90,6 +101,19 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (kind, key)
         ) WITHOUT ROWID
         """,
+    ),
+    (
+        # Idempotency-Key of `POST /v1/images`: the key, a digest of the request it came with,
+        # and the job it made (NULL while the first request with it is being served).
+        """
+        CREATE TABLE idempotency_keys (
+            key         TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            job_id      TEXT REFERENCES jobs (job_id),
+            claimed_at  TEXT NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX idempotency_keys_by_claimed ON idempotency_keys (claimed_at)",
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -161,6 +185,19 @@ class JobRecord:
         return self.state in FINAL_JOB_STATES
 
 
+KeyOutcome = Literal["new", "replay", "mismatch", "in_progress"]
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """What an Idempotency-Key stands for: `new` (claimed now: make the job, then `bind`),
+    `replay` (the same request made `job_id` before), `mismatch` (the key came with another
+    request) or `in_progress` (the first request with it is still being served)."""
+
+    outcome: KeyOutcome
+    job_id: str | None = None
+
+
 def transition_allowed(old: JobState, new: JobState) -> bool:
     """Whether a job in `old` may be moved to `new` (the same state is always allowed)."""
     return old == new or new in ALLOWED_TRANSITIONS[old]
@@ -184,6 +221,12 @@ def _timestamp(moment: datetime) -> str:
 
 def _parse_timestamp(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _log_unwritten(written: asyncio.Future[None]) -> None:
+    # A batch written on the timer has no caller to raise to; losing it costs only learning.
+    if not written.cancelled() and written.exception() is not None:
+        log.warning("learned values not stored: %s", written.exception())
 
 
 def _to_json(value: Any) -> str:
@@ -220,6 +263,12 @@ def _record(row: sqlite3.Row) -> JobRecord:
         batch=row["batch"],
         peak_bytes=row["peak_bytes"],
     )
+
+
+_PUT_LEARNED: Final = (
+    "INSERT INTO learned (kind, key, value) VALUES (?, ?, ?) "
+    "ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value"
+)
 
 
 class JobStore:
@@ -314,6 +363,7 @@ class JobStore:
         return record
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The job with `job_id`, or None when there is none."""
         rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
         return _record(rows[0]) if rows else None
 
@@ -413,6 +463,57 @@ class JobStore:
             counts[_check_state(row["state"])] = row["n"]
         return counts
 
+    # -- idempotency keys ------------------------------------------------------------------------
+
+    def claim_key(
+        self,
+        key: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        expires_after_s: float,
+        stale_claim_s: float,
+    ) -> KeyClaim:
+        """Claim `key` for a request whose digest is `fingerprint`, in one transaction.
+
+        A key older than `expires_after_s` is forgotten first. A claim never bound to a job
+        within `stale_claim_s` (its request died with the process) may be taken over."""
+        stamp = _timestamp(now)
+        expired = _timestamp(now - timedelta(seconds=expires_after_s))
+        stale = _timestamp(now - timedelta(seconds=stale_claim_s))
+        with self._transaction(f"claim idempotency key {key!r}") as conn:
+            conn.execute("DELETE FROM idempotency_keys WHERE claimed_at < ?", (expired,))
+            row = conn.execute(
+                "SELECT fingerprint, job_id, claimed_at FROM idempotency_keys WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO idempotency_keys (key, fingerprint, job_id, claimed_at) "
+                    "VALUES (?, ?, NULL, ?)",
+                    (key, fingerprint, stamp),
+                )
+                return KeyClaim("new")
+            if row["fingerprint"] != fingerprint:
+                return KeyClaim("mismatch", row["job_id"])
+            if row["job_id"] is not None:
+                return KeyClaim("replay", row["job_id"])
+            if row["claimed_at"] >= stale:
+                return KeyClaim("in_progress")
+            conn.execute("UPDATE idempotency_keys SET claimed_at = ? WHERE key = ?", (stamp, key))
+            return KeyClaim("new")
+
+    def bind_key(self, key: str, job_id: str) -> None:
+        """Record that the request that claimed `key` made job `job_id`."""
+        with self._transaction(f"bind idempotency key {key!r}") as conn:
+            conn.execute("UPDATE idempotency_keys SET job_id = ? WHERE key = ?", (job_id, key))
+
+    def release_key(self, key: str) -> None:
+        """Forget a claim whose request made no job (it was refused), so the key may be used
+        again."""
+        with self._transaction(f"release idempotency key {key!r}") as conn:
+            conn.execute("DELETE FROM idempotency_keys WHERE key = ? AND job_id IS NULL", (key,))
+
     # -- learned values --------------------------------------------------------------------------
 
     def get_learned(self, kind: str) -> dict[str, Any]:
@@ -424,10 +525,16 @@ class JobStore:
         """Store (or replace) one JSON-serialisable value under (kind, key)."""
         text = _to_json(value)
         with self._transaction(f"store learned {kind}/{key}") as conn:
-            conn.execute(
-                "INSERT INTO learned (kind, key, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
-                (kind, key, text),
+            conn.execute(_PUT_LEARNED, (kind, key, text))
+
+    def put_learned_texts(self, values: Mapping[tuple[str, str], str]) -> None:
+        """Store (or replace) several values, already JSON text, by (kind, key), in one
+        transaction."""
+        if not values:
+            return
+        with self._transaction(f"store {len(values)} learned value(s)") as conn:
+            conn.executemany(
+                _PUT_LEARNED, [(kind, key, text) for (kind, key), text in values.items()]
             )
 
     def close(self) -> None:
@@ -499,11 +606,23 @@ class AsyncJobStore:
     The connection is made and used only on that thread. Opening starts at construction; await
     `ready()` (or use `async with`) to learn at startup whether the file could be opened. A call
     whose caller is cancelled still runs to completion on the worker: its write is not undone.
+    Values given to `put_learned_soon` are written in batches, `learned_flush_s` after the first
+    of a batch and at `close()`.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        learned_flush_s: float = DEFAULT_LEARNED_FLUSH_S,
+    ) -> None:
         self._path = path
         self._closed = False
+        self.learned_flush_s = learned_flush_s
+        # Learned values not written yet, as JSON text by (kind, key): the next batch.
+        self._pending_learned: dict[tuple[str, str], str] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
         # The first task on the one worker, so every later call finds it finished.
         self._opening: Future[JobStore] = self._executor.submit(
@@ -543,6 +662,7 @@ class AsyncJobStore:
         batch: int | None = None,
         now: datetime,
     ) -> JobRecord:
+        """Write a new queued job and return its record."""
         return await self._call(
             lambda store: store.create(
                 workflow=workflow,
@@ -558,6 +678,7 @@ class AsyncJobStore:
         )
 
     async def get(self, job_id: str) -> JobRecord | None:
+        """The job with `job_id`, or None when there is none."""
         return await self._call(lambda store: store.get(job_id))
 
     async def update(
@@ -574,6 +695,8 @@ class AsyncJobStore:
         attempts: int | Unset = UNSET,
         peak_bytes: int | Unset | None = UNSET,
     ) -> JobRecord:
+        """Change the named fields of a job and return the new record; raises `NotFound` for
+        an unknown job."""
         return await self._call(
             lambda store: store.update(
                 job_id,
@@ -590,27 +713,106 @@ class AsyncJobStore:
         )
 
     async def unfinished(self) -> builtins.list[JobRecord]:
+        """Every job not yet in a final state, oldest first: what a restart resumes."""
         return await self._call(lambda store: store.unfinished())
 
     async def list(
         self, *, states: Collection[JobState] | None = None, limit: int = 100
     ) -> builtins.list[JobRecord]:
+        """The newest jobs, at most `limit`, optionally only those in `states`."""
         return await self._call(lambda store: store.list(states=states, limit=limit))
 
     async def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state."""
         return await self._call(lambda store: store.counts())
 
+    async def claim_key(
+        self,
+        key: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        expires_after_s: float,
+        stale_claim_s: float,
+    ) -> KeyClaim:
+        """Claim an idempotency key for a request with `fingerprint`: new, a replay of a
+        bound job, a mismatch, or still in progress."""
+        return await self._call(
+            lambda store: store.claim_key(
+                key,
+                fingerprint,
+                now=now,
+                expires_after_s=expires_after_s,
+                stale_claim_s=stale_claim_s,
+            )
+        )
+
+    async def bind_key(self, key: str, job_id: str) -> None:
+        """Bind a claimed idempotency key to the job its request made."""
+        await self._call(lambda store: store.bind_key(key, job_id))
+
+    async def release_key(self, key: str) -> None:
+        """Drop a claim whose request failed before it made a job, so a retry may claim it
+        again."""
+        await self._call(lambda store: store.release_key(key))
+
     async def get_learned(self, kind: str) -> dict[str, Any]:
+        """Every value learned under `kind`, by key."""
         return await self._call(lambda store: store.get_learned(kind))
 
     async def put_learned(self, kind: str, key: str, value: Any) -> None:
+        """Store one learned value under (kind, key) and wait for its commit."""
+        # Newer than a value pending under the same key, which must not overwrite it later.
+        self._pending_learned.pop((kind, key), None)
         await self._call(lambda store: store.put_learned(kind, key, value))
 
+    def put_learned_soon(self, kind: str, key: str, value: Any) -> None:
+        """Store (or replace) one value under (kind, key) within `learned_flush_s`, in one
+        transaction with every other value pending then; returns at once, without I/O.
+
+        For values a crash may lose the latest of (a model's running speed average): nothing
+        waits for a commit. Raises ValueError for a value JSON cannot hold, and `StoreError`
+        once the store is closed."""
+        if self._closed:
+            raise StoreError(f"job store {self._path} is closed")
+        self._pending_learned[(kind, key)] = _to_json(value)
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(self.learned_flush_s, self._flush_on_timer)
+
+    async def flush_learned(self) -> None:
+        """Write every learned value pending now; returns once they are committed."""
+        written = self._write_pending()
+        if written is not None:
+            await written
+
+    def _flush_on_timer(self) -> None:
+        self._flush_timer = None
+        written = self._write_pending()
+        if written is not None:
+            written.add_done_callback(_log_unwritten)
+
+    def _write_pending(self) -> asyncio.Future[None] | None:
+        """Hand the pending batch to the worker (after every call queued before); None when
+        nothing is pending."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        batch, self._pending_learned = self._pending_learned, {}
+        if not batch:
+            return None
+        return self._submit(lambda store: store.put_learned_texts(batch))
+
     async def close(self) -> None:
-        """Close the connection on its thread and let the thread end. Closing twice is harmless."""
+        """Write the learned values pending, close the connection on its thread and let the
+        thread end. Closing twice is harmless."""
         if self._closed:
             return
         self._closed = True
+        try:
+            await self.flush_learned()
+        except StoreError as exc:
+            log.warning("learned values lost at close: %s", exc)
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._close_on_worker)
@@ -625,6 +827,9 @@ class AsyncJobStore:
     def _call(self, work: Callable[[JobStore], T]) -> asyncio.Future[T]:
         if self._closed:
             raise StoreError(f"job store {self._path} is closed")
+        return self._submit(work)
+
+    def _submit(self, work: Callable[[JobStore], T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._executor, self._on_worker, work)
 

@@ -14,13 +14,14 @@ import json
 import logging
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
-import httpx
+import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
+from yarl import URL
 
 from gpu_agent import __version__
 from gpu_agent.errors import (
@@ -32,9 +33,10 @@ from gpu_agent.service import AgentService
 from gpu_common.errors import BadRequest, NotFound
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import auth_middleware, check_workflow, error_middleware, read_model
-from gpu_common.openapi import OPENAPI_PATH, RouteDoc, add_openapi_route
+from gpu_common.openapi import OPENAPI_PATH, Param, RouteDoc, add_openapi_route
 from gpu_common.schema import (
     AgentEvent,
+    AgentHealth,
     AgentStatus,
     FreeRequest,
     FreeResult,
@@ -51,14 +53,25 @@ log = logging.getLogger(__name__)
 SERVICE_KEY = web.AppKey("service", AgentService)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 EVENT_STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet[web.WebSocketResponse])
+PASSTHROUGH_KEY = web.AppKey("passthrough", aiohttp.ClientSession)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 
 # ComfyUI prompt ids are UUIDs; anything else cannot name a prompt and must not reach a URL.
 _PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The largest output index documented; larger ones name no output either (404).
+_MAX_OUTPUT_INDEX = 2**31 - 1
+# A path under /api/ may hold no "." or ".." segment.
+_DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 # Ollama endpoints whose requests name a model and occupy it while they run.
 _MODEL_ROUTES = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
+# The controller names that model in this header, so its body need not be parsed here; a
+# direct Ollama client does not, and its body is read for the name instead.
+MODEL_HEADER = "X-GPU-Model"
+# Connections from the pass-through to Ollama: room for 64 concurrent streams and more, each
+# kept open for the next request (aiohttp's default 15 s, timed on the loop's clock).
+PASSTHROUGH_MAX_CONNECTIONS = 256
 # Hop-by-hop and framing headers never copied through the pass-through.
 _DROP_HEADERS = {
     "host",
@@ -72,6 +85,7 @@ _DROP_HEADERS = {
     "trailer",
     "proxy-authorization",
     "proxy-authenticate",
+    MODEL_HEADER.lower(),
 }
 
 
@@ -187,7 +201,7 @@ async def get_output(request: web.Request) -> web.Response:
 
 async def comfyui_free(request: web.Request) -> web.Response:
     raw = await request.read()
-    body = FreeRequest() if not raw.strip() else await read_model(request, FreeRequest)
+    body = FreeRequest() if not raw else await read_model(request, FreeRequest)
     return _json(await request.app[SERVICE_KEY].free(body))
 
 
@@ -204,58 +218,119 @@ async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
     if any(segment in (".", "..") for segment in request.path.split("/")):
         raise BadRequest("path must not contain '.' or '..' segments")
     body = await request.read()
-    model: str | None = None
-    if request.path in _MODEL_ROUTES and body:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None  # Ollama itself answers malformed bodies with its own 400
-        if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
-            model = parsed["model"]
+    model = _occupied_model(request, body)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
-    client = service.ollama.http
-    timeout = httpx.Timeout(
-        connect=service.ollama.request_timeout_s,
-        read=service.ollama.load_timeout_s,  # the first byte may wait for a model load
-        write=service.ollama.request_timeout_s,
-        pool=service.ollama.request_timeout_s,
-    )
-    upstream_request = client.build_request(
-        request.method, request.rel_url.path_qs, content=body, headers=headers, timeout=timeout
-    )
+    ollama = service.ollama
+    # The path as the client spelled it, escapes and all: decoded, a %1F would be a control
+    # character no URL may hold, and a %2F a separator it never was.
+    url = URL(ollama.base_url + request.rel_url.raw_path_qs, encoded=True)
+    session = request.app[PASSTHROUGH_KEY]
     with service.track_request(model):
         try:
-            upstream = await client.send(upstream_request, stream=True)
-        except httpx.TimeoutException as exc:
+            # Until Ollama's headers: the first byte may wait for a model load.
+            async with asyncio.timeout(ollama.load_timeout_s):
+                upstream = await session.request(
+                    request.method, url, data=body, headers=headers, allow_redirects=False
+                )
+        except TimeoutError as exc:
             raise OllamaUnavailable(
                 f"Ollama did not answer {request.method} {request.path} in time "
-                f"({type(exc).__name__}; load timeout {service.ollama.load_timeout_s:g} s)"
+                f"({type(exc).__name__}; load timeout {ollama.load_timeout_s:g} s)"
             ) from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise OllamaUnavailable(f"cannot reach Ollama: {exc!r}") from exc
         try:
-            response = web.StreamResponse(status=upstream.status_code)
-            for name in ("Content-Type",):
-                if name in upstream.headers:
-                    response.headers[name] = upstream.headers[name]
-            await response.prepare(request)
-            try:
-                try:
-                    async for chunk in upstream.aiter_raw():
-                        await response.write(chunk)
-                except httpx.HTTPError as exc:
-                    # Headers are gone already; end the stream the way Ollama reports a late error.
-                    log.warning("Ollama stream broke: %s", exc)
-                    error = json.dumps({"error": f"upstream stream broke: {exc}"}) + "\n"
-                    await response.write(error.encode())
-                await response.write_eof()
-            except ConnectionResetError:
-                # The client hung up. Closing the upstream stream (below) tells Ollama to stop
-                # generating for it, and the request stops counting as in flight.
-                log.info("client of %s %s went away mid-stream", request.method, request.path)
-            return response
+            return await _relay(request, upstream)
         finally:
-            await upstream.aclose()
+            # Back to the pool when Ollama's answer was read to its end, else closed: that
+            # tells Ollama to stop generating for a client that went away.
+            upstream.release()
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Send Ollama's answer on to the client, each piece as soon as it arrives.
+
+    An answer complete at its first read (a non-streamed request, a short stream) goes out as
+    one plain response, headers and body in one write; a longer one is streamed, its last
+    piece sent together with the end of the stream."""
+    stream = upstream.content
+    try:
+        first = await stream.readany()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise OllamaUnavailable(
+            f"Ollama's answer broke off before its first byte: {exc!r}"
+        ) from exc
+    whole = stream.at_eof()
+    response: web.StreamResponse
+    if whole:
+        response = web.Response(status=upstream.status, body=first)
+    else:
+        response = web.StreamResponse(status=upstream.status)
+    # The body goes through as Ollama sent it, so it keeps its encoding too.
+    for name in ("Content-Type", "Content-Encoding"):
+        if name in upstream.headers:
+            response.headers[name] = upstream.headers[name]
+    try:
+        await response.prepare(request)
+        if whole:
+            await response.write_eof()
+            return response
+        await response.write(first)
+        last = b""
+        try:
+            async for chunk in stream.iter_any():
+                if stream.at_eof():
+                    last = chunk  # sent with the end of the stream, in one write
+                    break
+                await response.write(chunk)
+        except ConnectionResetError:
+            raise  # a write to our client: it went away (below)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already; end the stream the way Ollama reports a late error.
+            log.warning("Ollama stream broke: %r", exc)
+            last = (json.dumps({"error": f"upstream stream broke: {exc!r}"}) + "\n").encode()
+        await response.write_eof(last)
+    except ConnectionResetError:
+        # The client hung up. Closing the upstream stream (by the caller) tells Ollama to stop
+        # generating for it, and the request stops counting as in flight.
+        log.info("client of %s %s went away mid-stream", request.method, request.path)
+    return response
+
+
+async def _passthrough_session(app: web.Application) -> AsyncIterator[None]:
+    """The pass-through's connections to Ollama (aiohttp's client: less work a request than
+    the agent's httpx client, which its own calls keep), open while the app runs."""
+    ollama = app[SERVICE_KEY].ollama
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=ollama.request_timeout_s,  # a free connection, or a new one, this soon
+        sock_read=ollama.load_timeout_s,  # each read of a stream, the first after a load
+    )
+    connector = aiohttp.TCPConnector(limit=PASSTHROUGH_MAX_CONNECTIONS)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, trust_env=False
+    ) as session:
+        app[PASSTHROUGH_KEY] = session
+        yield
+
+
+def _occupied_model(request: web.Request, body: bytes) -> str | None:
+    """The model a pass-through request occupies while it runs: from `X-GPU-Model` when the
+    controller sent it, else from the body; None for a route that names no model."""
+    if request.path not in _MODEL_ROUTES:
+        return None
+    named = request.headers.get(MODEL_HEADER, "").strip()
+    if named:
+        return named
+    if not body:
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # Ollama itself answers malformed bodies with its own 400
+    if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+        return str(parsed["model"])
+    return None
 
 
 def create_app(
@@ -284,6 +359,7 @@ def create_app(
     app[REGISTRY_KEY] = make_registry(service)
     app[EVENT_STREAMS_KEY] = weakref.WeakSet()
     app.on_shutdown.append(_close_event_streams)
+    app.cleanup_ctx.append(_passthrough_session)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/events", events)
@@ -307,8 +383,32 @@ def create_app(
     return app
 
 
+_PROMPT_ID_PARAM = Param("prompt_id", {"type": "string", "pattern": _PROMPT_ID.pattern})
+_OUTPUT_INDEX_PARAM = Param(
+    "index",
+    {"type": "integer", "minimum": 0, "maximum": _MAX_OUTPUT_INDEX},
+    description="0 for the first output; an index the prompt does not have answers 404",
+)
+# The websocket handshake (RFC 6455 4.1): without it, `/v1/events` answers 400.
+_WEBSOCKET_HEADERS = (
+    Param("Upgrade", {"type": "string", "const": "websocket"}, location="header"),
+    Param(
+        "Connection",
+        {"type": "string", "pattern": "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]"},
+        location="header",
+    ),
+    Param("Sec-WebSocket-Version", {"type": "string", "const": "13"}, location="header"),
+    Param(
+        "Sec-WebSocket-Key",
+        {"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"},
+        location="header",
+    ),
+)
+
 ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
-    ("GET", "/healthz"): RouteDoc("Liveness and telemetry status", public=True, errors=()),
+    ("GET", "/healthz"): RouteDoc(
+        "Liveness and telemetry status", response=AgentHealth, public=True, errors=()
+    ),
     ("GET", OPENAPI_PATH): RouteDoc("This document", public=True, errors=()),
     ("GET", "/v1/status"): RouteDoc("One snapshot of the desktop", response=AgentStatus, errors=()),
     ("GET", "/v1/events"): RouteDoc(
@@ -316,6 +416,7 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         response=AgentEvent,
         status=101,
         errors=(400,),
+        params=_WEBSOCKET_HEADERS,
     ),
     ("POST", "/v1/ollama/load"): RouteDoc(
         "Load a model; answers once it is resident",
@@ -330,22 +431,27 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         errors=(400, 404, 409, 502, 503, 504),
     ),
     ("POST", "/v1/comfyui/prompts"): RouteDoc(
-        "Queue a workflow on ComfyUI (idempotent on prompt_id)",
+        "Queue a workflow on ComfyUI (idempotent on prompt_id); a workflow ComfyUI refuses "
+        "answers 400 with its node_errors",
         request=PromptSubmit,
         response=PromptInfo,
         status=202,
         errors=(400, 502, 503),
     ),
     ("GET", "/v1/comfyui/prompts/{prompt_id}"): RouteDoc(
-        "A prompt's state", response=PromptInfo, errors=(400, 404)
+        "A prompt's state", response=PromptInfo, errors=(400, 404), params=(_PROMPT_ID_PARAM,)
     ),
     ("DELETE", "/v1/comfyui/prompts/{prompt_id}"): RouteDoc(
-        "Cancel a prompt", response=PromptInfo, errors=(400, 404, 502, 503)
+        "Cancel a prompt",
+        response=PromptInfo,
+        errors=(400, 404, 502, 503),
+        params=(_PROMPT_ID_PARAM,),
     ),
     ("GET", "/v1/comfyui/prompts/{prompt_id}/outputs/{index}"): RouteDoc(
-        "The n-th output file of a prompt",
-        content_type="application/octet-stream",
+        "The n-th output file of a prompt, with ComfyUI's content type",
+        content_type="*/*",
         errors=(400, 404, 502, 503),
+        params=(_PROMPT_ID_PARAM, _OUTPUT_INDEX_PARAM),
     ),
     ("POST", "/v1/comfyui/free"): RouteDoc(
         "Free ComfyUI's memory; answers once it is released (empty body: free everything)",
@@ -358,9 +464,18 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         "Prometheus metrics", content_type="text/plain; version=0.0.4", errors=()
     ),
     ("*", "/api/{tail}"): RouteDoc(
-        "Ollama's own API, passed through and streamed",
-        content_type="application/x-ndjson",
-        errors=(400, 503),
+        "Ollama's own API, passed through and streamed: Ollama's statuses and bodies as it "
+        "sends them; 400 for a '.' or '..' segment, 503 when Ollama cannot be reached",
+        content_types=("application/json", "application/x-ndjson"),
+        errors=(400, 413, 503),
+        params=(
+            Param(
+                "tail",
+                {"type": "string", "not": {"pattern": _DOT_SEGMENT}},
+                description="the path under /api/; no '.' or '..' segment",
+            ),
+        ),
+        passthrough=True,
     ),
 }
 

@@ -42,6 +42,7 @@ class RunningModel:
 
     @property
     def pinned(self) -> bool:
+        """Loaded with a negative keep_alive: Ollama never unloads it on its own."""
         return self.expires_at is not None and self.expires_at.year >= _PINNED_AFTER_YEAR
 
 
@@ -80,14 +81,17 @@ class OllamaClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(request_timeout_s),
             transport=transport,
+            # Room for 64 concurrent streams through the pass-through and the agent's own
+            # calls beside them, each connection kept for the next request.
             limits=httpx.Limits(
                 max_connections=512,
-                max_keepalive_connections=64,
+                max_keepalive_connections=128,
                 keepalive_expiry=clock.http_keepalive_expiry_s(),
             ),
         )
 
     async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
         await self.http.aclose()
 
     async def _send(
@@ -113,10 +117,12 @@ class OllamaClient:
             raise OllamaError(f"Ollama sent a body that is not JSON for {path}") from exc
 
     async def version(self) -> str:
+        """Ollama's version string (`/api/version`); raises `OllamaUnavailable` if unreachable."""
         body = await self._send("GET", "/api/version")
         return str(body.get("version", ""))
 
     async def available(self) -> list[AvailableModel]:
+        """The models pulled on disk (`/api/tags`), loaded or not."""
         body = await self._send("GET", "/api/tags")
         models = []
         for item in body.get("models") or []:
@@ -133,6 +139,7 @@ class OllamaClient:
         return models
 
     async def running(self) -> list[RunningModel]:
+        """The models loaded now (`/api/ps`), with their size in VRAM and expiry."""
         body = await self._send("GET", "/api/ps")
         models = []
         for item in body.get("models") or []:

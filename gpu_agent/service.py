@@ -158,6 +158,7 @@ class AgentService:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start sampling and following ComfyUI, read Ollama once, then watch in the background."""
         await self.sampler.start()
         await self.comfyui.start()
         await self.refresh()
@@ -167,6 +168,7 @@ class AgentService:
         ]
 
     async def stop(self) -> None:
+        """Stop the background tasks, ComfyUI follower and sampler, and close the Ollama client."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -308,6 +310,7 @@ class AgentService:
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> AgentStatus:
+        """A snapshot from cached state: no I/O, so `/status` and scrapes answer at once."""
         return AgentStatus(
             agent=self.name,
             version=__version__,
@@ -515,13 +518,16 @@ class AgentService:
     # -- ComfyUI --------------------------------------------------------------------------
 
     async def submit_prompt(self, workflow: dict[str, Any], prompt_id: str | None) -> PromptInfo:
+        """Queue a workflow on ComfyUI, idempotently per id (see `ComfyUIController.submit`)."""
         return prompt_info(await self.comfyui.submit(workflow, prompt_id))
 
     def get_prompt(self, prompt_id: str) -> PromptInfo | None:
+        """The prompt's state, or None if this agent never submitted it."""
         record = self.comfyui.get(prompt_id)
         return prompt_info(record) if record is not None else None
 
     async def cancel_prompt(self, prompt_id: str) -> PromptInfo:
+        """Dequeue or interrupt the prompt; raises `PromptNotFound` for an id never submitted."""
         return prompt_info(await self.comfyui.cancel(prompt_id))
 
     async def free(self, request: FreeRequest) -> FreeResult:
