@@ -4,19 +4,29 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean
+.PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean redis
 
-# The daemons need neither extra. `report` (rich, matplotlib) draws the demo's and the benchmarks'
-# tables and charts; `dev` (test, lint and type-check tools) includes it.
+# The daemons need no extra. `report` (rich, matplotlib) draws the demo's and the benchmarks'
+# tables and charts; `workflows` (Celery, redis) runs the studio's workflows; `dev` (test, lint
+# and type-check tools) includes both.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,report]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,report,workflows]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Redis for the Celery workflows (their tests, demo and benchmark): Debian's redis-server,
+# installed when missing (as root, or through sudo).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+demo: $(STAMP) redis
 	$(BIN)/python -m gpu_agent.demo --clean
 	$(BIN)/python -m controller.demo
+	$(BIN)/python -m controller.workflows.demo
 
 test: lint typecheck pytest
 
@@ -27,14 +37,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) redis
 	$(BIN)/pytest
 
 # The whole suite 5 times in a row while a busy loop runs on every core; stops at a failure.
 test-stress: $(STAMP)
 	$(BIN)/python -m tools.stress --runs 5
 
-bench: $(STAMP)
+bench: $(STAMP) redis
 	$(BIN)/python -m bench
 
 # 500 streamed LLM requests and 1,000 image jobs at once through the controller; out/load.json.

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in turn; together they write out/bench.json.
 
-Run one alone with `python -m bench scheduling` (or overhead, footprint, decisions).
+Run one alone with `python -m bench scheduling` (or overhead, footprint, decisions, workflows).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import decisions, footprint, overhead, scheduling
+from bench import decisions, footprint, overhead, scheduling, workflows
 from bench.report import RESULTS
 
 BENCHMARKS: dict[str, Callable[[], Any]] = {
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[], Any]] = {
     "scheduling": scheduling.run,
     "overhead": overhead.run,
     "footprint": footprint.run,
+    "workflows": workflows.run,
 }
 
 

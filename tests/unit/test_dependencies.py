@@ -24,6 +24,9 @@ from tests.unit.test_controller_cli import HELD_REASON, canned_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT_PACKAGES = ("rich", "matplotlib")
+WORKFLOW_PACKAGES = ("celery", "redis")
+# What neither daemon may import: each comes with an extra.
+OPTIONAL_PACKAGES = (*REPORT_PACKAGES, *WORKFLOW_PACKAGES)
 IMPORT_TIMEOUT_S = 50.0
 # What each daemon's process imports: its entry point first (as `gpu-agent run` does), then the
 # modules it loads on the way to serving, the `status` view included.
@@ -40,11 +43,11 @@ DAEMON_MODULES = {
 
 
 @pytest.mark.parametrize("daemon", DAEMON_MODULES)
-def test_daemon_imports_no_report_package(daemon: str) -> None:
+def test_daemon_imports_no_optional_package(daemon: str) -> None:
     code = (
         "import sys\n"
         f"import {', '.join(DAEMON_MODULES[daemon])}\n"
-        f"print(*sorted({{name.split('.')[0] for name in sys.modules}} & {set(REPORT_PACKAGES)}))"
+        f"print(*sorted({{name.split('.')[0] for name in sys.modules}} & {set(OPTIONAL_PACKAGES)}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -65,13 +68,14 @@ def _names(requirements: list[str]) -> set[str]:
     }
 
 
-def test_report_packages_are_an_extra() -> None:
+def test_report_and_workflow_packages_are_extras() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = project["optional-dependencies"]
-    assert not _names(project["dependencies"]) & set(REPORT_PACKAGES)
+    assert not _names(project["dependencies"]) & set(OPTIONAL_PACKAGES)
     assert set(REPORT_PACKAGES) <= _names(extras["report"])
-    # `make test` type-checks the demos and the benchmarks, which import them.
-    assert "gpu-agent[report]" in extras["dev"]
+    assert set(WORKFLOW_PACKAGES) <= _names(extras["workflows"])
+    # `make test` type-checks and tests the demos, the benchmarks and the workflows.
+    assert "gpu-agent[report,workflows]" in extras["dev"]
 
 
 def _agent_status() -> AgentStatus:
