@@ -9,7 +9,7 @@ Walks the source with `ast` (nothing is imported) and fails on:
 
 Exempt: dunder methods, `@property` getters and setters, `@overload` stubs, and a method that
 overrides a documented method of a project base class (the error classes' `details()`, for
-example). Files in `PENDING` are skipped while they are being rewritten.
+example).
 """
 
 from __future__ import annotations
@@ -17,30 +17,11 @@ from __future__ import annotations
 import ast
 from collections import defaultdict
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED = ("gpu_common", "gpu_agent", "controller")
 READERS = (*CHECKED, "bench", "tools", "tests")
-
-# Files being rewritten now; the walk skips them until they land. Empty it then.
-PENDING = {
-    "controller/engine.py",
-    "controller/images.py",
-    "controller/llm.py",
-    "controller/pulse.py",
-    "controller/domain/*",
-    "controller/client.py",
-    "controller/knowledge.py",
-    "controller/store.py",
-    "controller/settings.py",
-    "controller/schema.py",
-    "gpu_common/layered_settings.py",
-    "gpu_common/openapi.py",
-    "gpu_common/schema.py",
-    "gpu_agent/settings.py",
-}
 
 EXEMPT_DECORATORS = {"property", "cached_property", "setter", "deleter", "overload"}
 
@@ -169,7 +150,6 @@ def undocumented(
     root: Path = ROOT,
     checked: tuple[str, ...] = CHECKED,
     readers: tuple[str, ...] = READERS,
-    pending: set[str] = PENDING,
 ) -> list[str]:
     """`path:line name` for each definition the rule asks a docstring of and that lacks one."""
     modules = _read(root, readers)
@@ -186,8 +166,6 @@ def undocumented(
     for module in modules.values():
         relative = module.path.relative_to(root).as_posix()
         if module.name.split(".")[0] not in checked:
-            continue
-        if any(fnmatch(relative, pattern) for pattern in pending):
             continue
         read_elsewhere = {
             attribute
@@ -250,12 +228,6 @@ def test_public_definitions_that_others_use_have_docstrings() -> None:
     )
 
 
-def test_the_pending_files_exist() -> None:
-    # A renamed or deleted file must leave the set, or it silently skips nothing.
-    for pattern in PENDING:
-        assert list(ROOT.glob(pattern)), f"{pattern} in PENDING matches no file"
-
-
 def test_the_walk_would_catch_what_the_rule_asks_for(tmp_path: Path) -> None:
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "__init__.py").write_text("")
@@ -286,7 +258,7 @@ def test_the_walk_would_catch_what_the_rule_asks_for(tmp_path: Path) -> None:
         "Bare().called()\n"
         "Bare().size_bytes\n"
     )
-    found = undocumented(tmp_path, ("lib",), ("lib",), set())
+    found = undocumented(tmp_path, ("lib",), ("lib",))
     assert found == [
         "lib/core.py:5 Bare",
         "lib/core.py:6 Bare.Inner",
@@ -294,4 +266,3 @@ def test_the_walk_would_catch_what_the_rule_asks_for(tmp_path: Path) -> None:
         "lib/core.py:14 shared",
         "lib/core.py:16 used_as_attribute",
     ]
-    assert undocumented(tmp_path, ("lib",), ("lib",), {"lib/core.py"}) == []
