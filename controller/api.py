@@ -421,14 +421,17 @@ async def _submit_once(engine: Engine, key: str, body: ImageSubmit) -> JobRecord
         assert claim.job_id is not None
         return await engine.images.get(claim.job_id)
     try:
-        record = await engine.images.submit(
-            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
+        # The job and the key's binding are one transaction: no crash leaves a job its key
+        # does not name, which a retry would then make a second time.
+        return await engine.images.submit(
+            body.workflow,
+            vram_hint_bytes=body.vram_bytes,
+            priority=body.priority,
+            idempotency_key=key,
         )
     except BaseException:
         await engine.store.release_key(key)
         raise
-    await engine.store.bind_key(key, record.job_id)
-    return record
 
 
 async def get_image(request: web.Request) -> web.Response:

@@ -315,10 +315,16 @@ class ImageScheduler:
     # -- changes --------------------------------------------------------------------------
 
     async def submit(
-        self, workflow: dict[str, Any], *, vram_hint_bytes: int | None, priority: int
+        self,
+        workflow: dict[str, Any],
+        *,
+        vram_hint_bytes: int | None,
+        priority: int,
+        idempotency_key: str | None = None,
     ) -> JobRecord:
         """Store a new job, held until the admission policy places it; `BadRequest` for a
-        workflow whose nodes are malformed."""
+        workflow whose nodes are malformed. A claimed `idempotency_key` is bound to the job as
+        it is stored."""
         for node_id, node in workflow.items():
             if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
                 raise BadRequest(f"workflow node {node_id!r} has no class_type")
@@ -335,6 +341,7 @@ class ImageScheduler:
             height=key.height,
             batch=key.batch,
             now=self._wall(),
+            idempotency_key=idempotency_key,
         )
         self._track(record)
         self._counts[record.state] += 1

@@ -320,11 +320,14 @@ class JobStore:
         height: int | None = None,
         batch: int | None = None,
         now: datetime,
+        idempotency_key: str | None = None,
     ) -> JobRecord:
         """Write a new job in state "held" and return it once committed.
 
         Its `prompt_id` is made here and never changes, so dispatching it again after a crash
-        names the same ComfyUI prompt.
+        names the same ComfyUI prompt. With `idempotency_key` (claimed before with `claim_key`),
+        the key is bound to the job in the same transaction: a crash leaves either both or
+        neither, never a job that a retry with the key would not find.
         """
         stamp = _timestamp(now)
         workflow_text = _to_json(workflow)
@@ -360,6 +363,11 @@ class JobStore:
         marks = ", ".join(f":{name}" for name in _COLUMN_NAMES)
         with self._transaction("create job") as conn:
             conn.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES ({marks})", values)
+            if idempotency_key is not None:
+                conn.execute(
+                    "UPDATE idempotency_keys SET job_id = ? WHERE key = ?",
+                    (record.job_id, idempotency_key),
+                )
         return record
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -502,11 +510,6 @@ class JobStore:
                 return KeyClaim("in_progress")
             conn.execute("UPDATE idempotency_keys SET claimed_at = ? WHERE key = ?", (stamp, key))
             return KeyClaim("new")
-
-    def bind_key(self, key: str, job_id: str) -> None:
-        """Record that the request that claimed `key` made job `job_id`."""
-        with self._transaction(f"bind idempotency key {key!r}") as conn:
-            conn.execute("UPDATE idempotency_keys SET job_id = ? WHERE key = ?", (job_id, key))
 
     def release_key(self, key: str) -> None:
         """Forget a claim whose request made no job (it was refused), so the key may be used
@@ -661,8 +664,10 @@ class AsyncJobStore:
         height: int | None = None,
         batch: int | None = None,
         now: datetime,
+        idempotency_key: str | None = None,
     ) -> JobRecord:
-        """Write a new queued job and return its record."""
+        """Write a new held job (bound to `idempotency_key` in the same transaction, when
+        given) and return its record."""
         return await self._call(
             lambda store: store.create(
                 workflow=workflow,
@@ -674,6 +679,7 @@ class AsyncJobStore:
                 height=height,
                 batch=batch,
                 now=now,
+                idempotency_key=idempotency_key,
             )
         )
 
@@ -746,10 +752,6 @@ class AsyncJobStore:
                 stale_claim_s=stale_claim_s,
             )
         )
-
-    async def bind_key(self, key: str, job_id: str) -> None:
-        """Bind a claimed idempotency key to the job its request made."""
-        await self._call(lambda store: store.bind_key(key, job_id))
 
     async def release_key(self, key: str) -> None:
         """Drop a claim whose request failed before it made a job, so a retry may claim it

@@ -28,14 +28,30 @@ def test_a_key_is_claimed_once_then_replayed_refused_or_reported_in_progress(
     try:
         assert claim(store, "k", "f1", T0) == KeyClaim("new")
         assert claim(store, "k", "f1", T0) == KeyClaim("in_progress")
-        job = store.create(workflow={"1": {"class_type": "X"}}, now=T0)
-        store.bind_key("k", job.job_id)
+        job = store.create(workflow={"1": {"class_type": "X"}}, now=T0, idempotency_key="k")
         assert claim(store, "k", "f1", T0) == KeyClaim("replay", job.job_id)
         assert claim(store, "k", "f2", T0) == KeyClaim("mismatch", job.job_id)
         # A day later the key is forgotten and may name a new request.
         assert claim(store, "k", "f2", T0 + timedelta(days=1, seconds=1)) == KeyClaim("new")
     finally:
         store.close()
+
+
+def test_the_job_and_its_key_are_committed_together(tmp_path: Path) -> None:
+    # Whatever point a crash hits, a retry with the key finds the job the key made: the
+    # binding commits with the job, so a reopened store replays it.
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    assert claim(store, "k", "f", T0) == KeyClaim("new")
+    job = store.create(workflow={"1": {"class_type": "X"}}, now=T0, idempotency_key="k")
+    store.close()
+    reopened = JobStore(path)
+    try:
+        later = T0 + timedelta(minutes=5)  # past the stale-claim time
+        assert claim(reopened, "k", "f", later) == KeyClaim("replay", job.job_id)
+        assert reopened.get(job.job_id) == job
+    finally:
+        reopened.close()
 
 
 def test_a_claim_whose_request_died_is_taken_over_and_a_refused_one_released(
