@@ -68,7 +68,8 @@ _SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it, a browser sends `Origin: null` on the login form.
+    "Referrer-Policy": "same-origin",
 }
 _CSRF_HEADER = "X-CSRF-Token"
 _MAX_FORM_BYTES = 4096

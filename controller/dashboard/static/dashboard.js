@@ -151,6 +151,12 @@
     };
   }
 
+  // Until there is a minute of history, the time axis shows the last minute.
+  const timeRange = (u, min, max) => {
+    const end = max ?? serverNow() / 1000;
+    return min == null || end - min < 60 ? [end - 60, end] : [min, max];
+  };
+
   const axis = (c, extra = {}) => ({
     stroke: c.muted, grid: { stroke: c.grid, width: 1 }, ticks: { stroke: c.grid, width: 1 }, ...extra,
   });
@@ -176,7 +182,7 @@
                   points: { show: false }, value: (u, v) => (v == null ? "–" : `${v.toFixed(1)} GiB`) });
     return new uPlot({
       width: Math.max(280, el.clientWidth), height: 210,
-      scales: { x: { time: true }, y: { range: () => [0, Math.max(1, g.totalGib * 1.04)] } },
+      scales: { x: { time: true, range: timeRange }, y: { range: () => [0, Math.max(1, g.totalGib * 1.04)] } },
       axes: [axis(c), axis(c, { size: 56, values: (u, vals) => vals.map((v) => `${v} GiB`) })],
       series, cursor: { drag: { x: false, y: false } }, legend: { live: true },
     }, memoryData(g), el);
@@ -196,7 +202,7 @@
   function loadChart(el, g, c) {
     return new uPlot({
       width: Math.max(280, el.clientWidth), height: 120,
-      scales: { x: { time: true }, pct: { range: [0, 100] }, W: { range: (u, lo, hi) => [0, Math.max(50, hi || 0) * 1.1] } },
+      scales: { x: { time: true, range: timeRange }, pct: { range: [0, 100] }, W: { range: (u, lo, hi) => [0, Math.max(50, hi || 0) * 1.1] } },
       axes: [
         axis(c),
         axis(c, { scale: "pct", size: 56, values: (u, vals) => vals.map((v) => `${v}`) }),
