@@ -105,11 +105,18 @@ class LlmRouter:
         self.decisions = 0
         # Requests waiting for room, by ticket, with the time they started waiting.
         self._waiting: dict[int, float] = {}
+        # The same requests' tickets, with the model asked for and the core's latest reason.
+        self.waiting: dict[int, tuple[str, str]] = {}
         self._tickets = itertools.count()
 
     def waiting_since(self) -> float | None:
-        """When the longest-waiting request started waiting for room, if any waits."""
+        """When the longest-waiting request started waiting for room, if any waits (`waiting`
+        names, per ticket, the model each asked for and why it waits)."""
         return min(self._waiting.values(), default=None)
+
+    def waiting_started(self, ticket: int) -> float | None:
+        """When the request with `ticket` started waiting for room; None if it does not wait."""
+        return self._waiting.get(ticket)
 
     async def acquire(self, request: LlmRequest, *, num_ctx: int | None = None) -> Route:
         """Place `request`: plan, make room, load if needed; returns the route to stream it
@@ -129,6 +136,7 @@ class LlmRouter:
             raise
         finally:
             self._waiting.pop(ticket, None)
+            self.waiting.pop(ticket, None)
         route.requested = request.model
         route.started_s = started
         route.request_id = ticket
@@ -156,6 +164,7 @@ class LlmRouter:
                         token = book.promise(catalog[decision.model].vram_bytes)
             if isinstance(decision, Choice):
                 self._waiting.pop(ticket, None)
+                self.waiting.pop(ticket, None)
                 try:
                     return await self._carry_out(decision, token, num_ctx)
                 except AgentRejected as exc:
@@ -172,6 +181,7 @@ class LlmRouter:
             if left <= 0:
                 raise NoCapacity(decision.reason, retry_after_s=decision.retry_after_s)
             self._waiting.setdefault(ticket, self._clock())
+            self.waiting[ticket] = (request.model, decision.reason)
             await self._pulse.wait(min(left, REPLAN_S), mark)
 
     async def _carry_out(self, choice: Choice, token: int | None, num_ctx: int | None) -> Route:

@@ -100,7 +100,7 @@ class LlmView(WireModel):
     model: str
     agent: str
     reason: str
-    outcome: Literal["serving", "served", "refused"]
+    outcome: Literal["waiting", "serving", "served", "refused"]
     started_at: datetime
     duration_s: float | None
 
@@ -227,6 +227,21 @@ def _llm_active(route: Route, origin: datetime, now: float) -> LlmView:
     )
 
 
+def _llm_waiting(engine: Engine, ticket: int, origin: datetime, now: float) -> LlmView:
+    requested, reason = engine.llm.waiting[ticket]
+    since = engine.llm.waiting_started(ticket) or now
+    return LlmView(
+        id=ticket,
+        requested=requested,
+        model="",
+        agent="",
+        reason=reason,
+        outcome="waiting",
+        started_at=_wall(since, origin),
+        duration_s=round(now - since, 3),
+    )
+
+
 def _llm_ended(ended: EndedRequest, origin: datetime) -> LlmView:
     return LlmView(
         id=ended.request_id,
@@ -259,8 +274,11 @@ def dashboard_state(engine: Engine) -> DashboardState:
         running=[job_view(engine, r) for r in images.active()],
         recent_jobs=[job_view(engine, r) for r in images.recent],
         llm_active=[
-            _llm_active(route, origin, now)
-            for route in sorted(engine.llm.active.values(), key=lambda r: r.started_s)
+            *(_llm_waiting(engine, ticket, origin, now) for ticket in sorted(engine.llm.waiting)),
+            *(
+                _llm_active(route, origin, now)
+                for route in sorted(engine.llm.active.values(), key=lambda r: r.started_s)
+            ),
         ],
         llm_recent=[_llm_ended(ended, origin) for ended in engine.llm.recent],
         catalogue=engine.models_info(),

@@ -5,6 +5,7 @@
 
 (() => {
   const GIB = 1024 ** 3;
+  const RECENT_ROWS = 12;
   const HOUR_S = 3600;
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const $ = (selector, root = document) => root.querySelector(selector);
@@ -400,7 +401,7 @@
         actionButton(tr, "Cancel", "Cancel? click again", () => cancelJob(job.id)),
       ]);
     });
-    sync($("#recent"), state.recent_jobs, (j) => j.id, (tr, job) => {
+    sync($("#recent"), state.recent_jobs.slice(0, RECENT_ROWS), (j) => j.id, (tr, job) => {
       tr.dataset.state = job.state;
       const took = (Date.parse(job.updated_at) - Date.parse(job.created_at)) / 1000;
       setCells(tr, [
@@ -416,9 +417,13 @@
   function renderLlm(state) {
     const key = (r) => String(r.id);
     sync($("#llm-active"), state.llm_active, key, (tr, r) => {
-      setCells(tr, [r.requested, r.model, r.agent, span(seconds(r.duration_s), "num"), span(r.reason, "why")]);
+      const waiting = r.outcome === "waiting";
+      setCells(tr, [
+        r.requested, waiting ? span("waiting for room", "state-held") : r.model, r.agent || "–",
+        span(seconds(r.duration_s), "num"), span(r.reason, "why"),
+      ]);
     });
-    sync($("#llm-recent"), state.llm_recent, key, (tr, r) => {
+    sync($("#llm-recent"), state.llm_recent.slice(0, RECENT_ROWS), key, (tr, r) => {
       setCells(tr, [
         r.requested, r.model || "–", span(r.outcome, r.outcome === "refused" ? "state-failed" : ""),
         span(seconds(r.duration_s), "num"), span(r.reason, "why"),
