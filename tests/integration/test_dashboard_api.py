@@ -189,3 +189,19 @@ async def test_without_a_token_the_page_opens_a_session_by_itself(
         state = await http.get("/dashboard/api/state")
         assert state.status_code == 200
         assert state.json()["agents"][0]["name"] == "desk"
+
+
+async def test_the_page_says_why_part_of_an_agent_cannot_serve(stack: Stack) -> None:
+    await stack.desktop.stop_ollama()
+    try:
+        async with dashboard_session(stack) as session:
+
+            async def reason() -> str | None:
+                state = (await session.http.get("/dashboard/api/state")).json()
+                text: str | None = state["agents"][0]["reason"]
+                return text if text and "Ollama unreachable" in text else None
+
+            why = await wait_until(reason, timeout_s=30, poll_s=0.5, what="Ollama's trouble")
+            assert "Ollama unreachable" in why
+    finally:
+        await stack.desktop.start_ollama()
