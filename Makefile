@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean redis
+.PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean redis chromium
 
 # The daemons need no extra. `report` (rich, matplotlib) draws the demo's and the benchmarks'
 # tables and charts; `workflows` (Celery, redis) runs the studio's workflows; `dev` (test, lint
@@ -23,6 +23,15 @@ redis:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# Chromium for the dashboard's browser tests: Debian's package, installed when missing. The
+# tests drive it with Playwright, which never downloads a browser of its own here.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "chromium could not be installed: the browser tests will skip and say so"; }
+
 demo: $(STAMP) redis
 	$(BIN)/python -m gpu_agent.demo --clean
 	$(BIN)/python -m controller.demo
@@ -37,7 +46,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) redis
+pytest: $(STAMP) redis chromium
 	$(BIN)/pytest
 
 # The whole suite 5 times in a row while a busy loop runs on every core; stops at a failure.

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from controller import __version__
+from controller.dashboard import DASHBOARD_PREFIX, browser_redirect_middleware, create_dashboard
 from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest
 from controller.domain.workflows import image_key
@@ -508,7 +509,9 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
         middlewares=[
             error_middleware("controller"),
             host_check_middleware(policy),
-            auth_middleware(token),
+            browser_redirect_middleware,
+            # The dashboard exchanges the token for a session cookie; it checks that itself.
+            auth_middleware(token, own_auth_prefixes=(DASHBOARD_PREFIX,)),
         ],
     )
     app[ENGINE_KEY] = engine
@@ -541,6 +544,8 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
         ),
         token_required=token is not None,
     )
+    # A browser UI, not part of the API: the OpenAPI document leaves it out.
+    app.add_subapp(DASHBOARD_PREFIX, create_dashboard(engine, token=token))
     return app
 
 
@@ -586,7 +591,11 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("GET", "/metrics"): RouteDoc(
         "Prometheus metrics", content_type="text/plain; version=0.0.4", errors=()
     ),
-    ("GET", "/"): RouteDoc("Ollama's liveness text", content_type="text/plain", errors=()),
+    ("GET", "/"): RouteDoc(
+        "Ollama's liveness text (a browser asking for HTML is sent to /dashboard/)",
+        content_type="text/plain",
+        errors=(),
+    ),
     ("POST", "/api/generate"): RouteDoc(
         "Ollama generate; model may be auto, auto:fast or auto:quality",
         request=OllamaGenerateRequest,

@@ -4,14 +4,19 @@ It starts the simulated desktop (emulated Ollama and ComfyUI on one simulated RT
 GPU agent on it and the controller, then replays a compressed busy hour through the studio
 client: LLM requests at the fast and quality intents, SDXL and SD1.5 jobs arriving together.
 The terminal shows live progress; at the end a summary table, and a picture of the GPU over time
-(memory by owner, resident models, jobs) written to a PNG whose path is printed.
+(memory by owner, resident models, jobs) written to a PNG whose path is printed. The controller's
+dashboard is live meanwhile, at the URL printed first (`--hold S` keeps it up S real seconds
+after the busy hour, standing still at its end, for a person to look around).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import tempfile
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from controller.client import StudioClient, StudioError
-from controller.simulated import simulated_stack
+from controller.simulated import SimulatedStack, simulated_stack
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, busy_hour
@@ -219,7 +224,39 @@ def _picture(tally: Tally, budget_gib: float, total_gib: float, path: Path) -> N
     plt.close(fig)
 
 
-async def run(console: Console, out_dir: Path) -> Path:
+Look = Callable[[SimulatedStack, str], Awaitable[None]]
+"""Something done with the running stack and the dashboard's URL at a chosen simulated moment
+(a screenshot)."""
+
+
+async def _look_at(
+    desktop: SimDesktop, t0: float, at_s: float, look: Look, stack: SimulatedStack, url: str
+) -> None:
+    await desktop.clock.sleep_until(t0 + at_s)
+    await look(stack, url)
+
+
+async def _hold(console: Console, url: str, hold_s: float) -> None:
+    """Keep serving, in real time, for `hold_s` seconds: a wait off the loop is an executor
+    job, during which virtual time stands still and the loop serves the dashboard."""
+    console.print(f"the dashboard stays up for {hold_s:.0f} s at {url} (Ctrl-C ends it)")
+    released = threading.Event()
+    try:
+        await asyncio.to_thread(released.wait, hold_s)
+    finally:
+        released.set()
+
+
+async def run(
+    console: Console,
+    out_dir: Path,
+    *,
+    hold_s: float = 0.0,
+    look: Look | None = None,
+    look_at_s: float = 150.0,
+) -> Path:
+    """The busy hour; returns the picture's path. `look(stack, dashboard_url)` runs from
+    `look_at_s` simulated seconds into it; simulated time stands still while a browser looks."""
     arrivals = busy_hour(span_s=300, llm_requests=30, sdxl_bursts=3, sdxl_per_burst=3, sd15_jobs=5)
     total_llm = sum(isinstance(a, LlmArrival) for a in arrivals)
     desktop = SimDesktop(data_dir=out_dir / "desktop")
@@ -241,10 +278,17 @@ async def run(console: Console, out_dir: Path) -> Path:
                 f"desktop on virtual time: {total_llm} LLM requests and "
                 f"{len(arrivals) - total_llm} image jobs over {arrivals[-1].at_s:.0f} s"
             )
+            dashboard = f"{stack.controller.url}/dashboard/"
+            console.print(f"live dashboard: [bold]{dashboard}[/] (token: {TOKEN})")
             t0 = desktop.clock.now()
             stop = asyncio.Event()
             sampler = asyncio.create_task(_sample(desktop, tally, t0, stop))
             replay = asyncio.create_task(_replay(client, desktop, arrivals, tally, t0))
+            looking = (
+                asyncio.create_task(_look_at(desktop, t0, look_at_s, look, stack, dashboard))
+                if look is not None
+                else None
+            )
             with Live(console=console, refresh_per_second=4, transient=False) as live:
                 while not replay.done():
                     live.update(_live_view(tally, total_llm, len(arrivals) - total_llm,
@@ -254,6 +298,10 @@ async def run(console: Console, out_dir: Path) -> Path:
                                        desktop.clock.now() - t0))  # fmt: skip
             console.print()
             await replay
+            if looking is not None:
+                await looking
+            if hold_s > 0:
+                await _hold(console, dashboard, hold_s)
             stop.set()
             await sampler
             budget = desktop.gpu.total_bytes - stack.controller.engine.settings.reserve_bytes
@@ -265,11 +313,20 @@ async def run(console: Console, out_dir: Path) -> Path:
     return picture
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.demo", description=__doc__)
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep the dashboard up S real seconds after the busy hour",
+    )
+    args = parser.parse_args(argv)
     console = Console()
     started = clock.perf_s()
     out_dir = Path(tempfile.mkdtemp(prefix="gpu-agent-demo-"))
-    picture = run_virtual(run(console, out_dir))
+    picture = run_virtual(run(console, out_dir, hold_s=args.hold))
     console.print(f"picture of the GPU over time: [bold]{picture}[/]")
     console.print(f"[dim]demo took {clock.perf_s() - started:.1f} s[/]")
     return 0

@@ -8,7 +8,8 @@
             ├── AgentUnavailable    connection refused, timed out, or a 5xx
             └── AgentRejected       the agent answered 4xx; carries its code and message
     RequestError (gpu_common.errors)
-    └── IdempotencyKeyReused        an Idempotency-Key sent again with another request (422)
+    ├── IdempotencyKeyReused        an Idempotency-Key sent again with another request (422)
+    └── CrossSiteRequest            a dashboard request from another origin or without CSRF token
 
 Each class carries the `code` and HTTP status the controller's API answers with.
 """
@@ -84,3 +85,10 @@ class IdempotencyKeyReused(RequestError):
 
     code = "idempotency_key_reused"
     http_status = 422
+
+
+class CrossSiteRequest(RequestError):
+    """A dashboard request from another origin, or an action without the session's CSRF token."""
+
+    code = "forbidden_origin"
+    http_status = 403

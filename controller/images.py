@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import math
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,7 +65,7 @@ from controller.fleet import Fleet
 from controller.knowledge import Knowledge
 from controller.pulse import Pulse
 from controller.schema import ImageJobInfo, ProgressInfo
-from controller.store import UNSET, AsyncJobStore, JobRecord
+from controller.store import FINAL_JOB_STATES, UNSET, AsyncJobStore, JobRecord
 from gpu_common.errors import BadRequest, Conflict, NotFound
 from gpu_common.schema import OOM_REASON, PromptInfo
 
@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 QUIET_S = 2.0
 # How often the reconcile pass runs.
 RECONCILE_EVERY_S = 1.0
+# How many ended jobs `ImageScheduler.recent` keeps, newest first, for the dashboard.
+RECENT_JOBS = 50
 
 
 def attempt_prompt_id(record: JobRecord) -> str:
@@ -176,6 +178,8 @@ class ImageScheduler:
         # Which job each prompt id sent to an agent belongs to.
         self._by_prompt: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
+        # The latest jobs to end, newest first.
+        self.recent: deque[JobRecord] = deque(maxlen=RECENT_JOBS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._reconcile_soon = False
@@ -188,6 +192,7 @@ class ImageScheduler:
     async def start(self) -> None:
         """Resume the unfinished jobs from the store and start the scheduling loop."""
         self._counts = Counter(await self._store.counts())
+        self.recent.extend(await self._store.list(states=FINAL_JOB_STATES, limit=RECENT_JOBS))
         now = self._clock()
         for record in await self._store.unfinished():
             self._track(record)
@@ -246,6 +251,13 @@ class ImageScheduler:
         """The jobs waiting for GPU memory, oldest first."""
         return sorted(
             (t.record for t in self._jobs.values() if t.record.state == "held"),
+            key=lambda r: (r.created_at, r.job_id),
+        )
+
+    def active(self) -> list[JobRecord]:
+        """The jobs out at an agent (dispatched or running), oldest first."""
+        return sorted(
+            (t.record for t in self._jobs.values() if t.record.state in ("dispatched", "running")),
             key=lambda r: (r.created_at, r.job_id),
         )
 
@@ -504,6 +516,8 @@ class ImageScheduler:
         if updated.state != before:
             self._counts[before] -= 1
             self._counts[updated.state] += 1
+            if updated.final:
+                self.recent.appendleft(updated)
             log.info(
                 "image job %s: %s -> %s (%s)", record.job_id, before, updated.state, updated.reason
             )

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from controller.agents import AgentLink
 from controller.domain.catalog import DEFAULT_NUM_CTX
@@ -31,11 +32,16 @@ log = logging.getLogger(__name__)
 
 # Longest single wait for a change before planning again.
 REPLAN_S = 1.0
+# How many ended requests `LlmRouter.recent` keeps, newest first, for the dashboard.
+RECENT_REQUESTS = 50
 
 
 @dataclass
 class Route:
-    """A request placed on an agent; `release()` it when the request ends."""
+    """A request placed on an agent; `release()` it when the request ends.
+
+    `requested` is the model the caller named (an intent such as `auto:fast`, or a model);
+    `started_s` when it was placed, on the router's clock."""
 
     agent: str
     model: str
@@ -43,6 +49,24 @@ class Route:
     link: AgentLink
     loaded: bool
     released: bool = False
+    requested: str = ""
+    started_s: float = 0.0
+    request_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndedRequest:
+    """An LLM request that ended: served by `model` on `agent` (both empty when it was
+    refused), why, and when it started and ended (seconds on the router's clock)."""
+
+    request_id: int
+    requested: str
+    model: str
+    agent: str
+    reason: str
+    outcome: Literal["served", "refused"]
+    started_s: float
+    ended_s: float
 
 
 class LlmRouter:
@@ -74,26 +98,50 @@ class LlmRouter:
         self._clock = clock
         self._wait_s = wait_s
         self.in_flight = 0
+        # The requests being served now, by route identity, and the latest ended ones.
+        self.active: dict[int, Route] = {}
+        self.recent: deque[EndedRequest] = deque(maxlen=RECENT_REQUESTS)
         # Plans made (selection calls), for the metrics.
         self.decisions = 0
         # Requests waiting for room, by ticket, with the time they started waiting.
         self._waiting: dict[int, float] = {}
+        # The same requests' tickets, with the model asked for and the core's latest reason.
+        self.waiting: dict[int, tuple[str, str]] = {}
         self._tickets = itertools.count()
 
     def waiting_since(self) -> float | None:
-        """When the longest-waiting request started waiting for room, if any waits."""
+        """When the longest-waiting request started waiting for room, if any waits (`waiting`
+        names, per ticket, the model each asked for and why it waits)."""
         return min(self._waiting.values(), default=None)
+
+    def waiting_started(self, ticket: int) -> float | None:
+        """When the request with `ticket` started waiting for room; None if it does not wait."""
+        return self._waiting.get(ticket)
 
     async def acquire(self, request: LlmRequest, *, num_ctx: int | None = None) -> Route:
         """Place `request`: plan, make room, load if needed; returns the route to stream it
         through. Raises `NotFound` for a model no agent offers, `NoCapacity` when nothing can
         serve it within its limits before the wait runs out."""
-        deadline = self._clock() + self._wait_s
+        started = self._clock()
+        deadline = started + self._wait_s
         ticket = next(self._tickets)
         try:
-            return await self._acquire(request, num_ctx, deadline, ticket)
+            route = await self._acquire(request, num_ctx, deadline, ticket)
+        except (NoCapacity, NotFound) as exc:
+            self.recent.appendleft(
+                EndedRequest(
+                    ticket, request.model, "", "", str(exc), "refused", started, self._clock()
+                )
+            )
+            raise
         finally:
             self._waiting.pop(ticket, None)
+            self.waiting.pop(ticket, None)
+        route.requested = request.model
+        route.started_s = started
+        route.request_id = ticket
+        self.active[id(route)] = route
+        return route
 
     async def _acquire(
         self, request: LlmRequest, num_ctx: int | None, deadline: float, ticket: int
@@ -116,6 +164,7 @@ class LlmRouter:
                         token = book.promise(catalog[decision.model].vram_bytes)
             if isinstance(decision, Choice):
                 self._waiting.pop(ticket, None)
+                self.waiting.pop(ticket, None)
                 try:
                     return await self._carry_out(decision, token, num_ctx)
                 except AgentRejected as exc:
@@ -132,6 +181,7 @@ class LlmRouter:
             if left <= 0:
                 raise NoCapacity(decision.reason, retry_after_s=decision.retry_after_s)
             self._waiting.setdefault(ticket, self._clock())
+            self.waiting[ticket] = (request.model, decision.reason)
             await self._pulse.wait(min(left, REPLAN_S), mark)
 
     async def _carry_out(self, choice: Choice, token: int | None, num_ctx: int | None) -> Route:
@@ -180,6 +230,19 @@ class LlmRouter:
         if route.released:
             return
         route.released = True
+        if self.active.pop(id(route), None) is not None:
+            self.recent.appendleft(
+                EndedRequest(
+                    route.request_id,
+                    route.requested,
+                    route.model,
+                    route.agent,
+                    route.reason,
+                    "served",
+                    route.started_s,
+                    self._clock(),
+                )
+            )
         book = self._fleet.books[route.agent]
         book.queued[route.model] -= 1
         book.end_request(route.model)

@@ -96,9 +96,15 @@ def token_matches(given: str, expected: bytes) -> bool:
 
 
 def auth_middleware(
-    token: str | None, *, public_paths: Collection[str] = PUBLIC_PATHS
+    token: str | None,
+    *,
+    public_paths: Collection[str] = PUBLIC_PATHS,
+    own_auth_prefixes: tuple[str, ...] = (),
 ) -> Middleware:
-    """aiohttp middleware requiring `Authorization: Bearer <token>` outside `public_paths`."""
+    """aiohttp middleware requiring `Authorization: Bearer <token>` outside `public_paths`.
+
+    Paths under `own_auth_prefixes` are left to their own authentication (a browser UI that
+    exchanges the token for a session cookie once, so it never travels in a URL)."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
@@ -106,6 +112,7 @@ def auth_middleware(
         if (
             expected is not None
             and request.path not in public_paths
+            and not (own_auth_prefixes and request.path.startswith(own_auth_prefixes))
             and not token_matches(request.headers.get("Authorization", ""), expected)
         ):
             raise Unauthorized("missing or wrong bearer token")

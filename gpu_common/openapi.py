@@ -17,7 +17,7 @@ Origin checks still apply to it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +27,14 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gpu_common.schema import ErrorResponse, OllamaErrorResponse
 
-__all__ = ["OPENAPI_PATH", "Param", "RouteDoc", "add_openapi_route", "build_openapi"]
+__all__ = [
+    "OPENAPI_PATH",
+    "Param",
+    "RouteDoc",
+    "add_openapi_route",
+    "api_routes",
+    "build_openapi",
+]
 
 OPENAPI_PATH = "/openapi.json"
 
@@ -106,10 +113,19 @@ class RouteDoc:
     passthrough: bool = False
 
 
+def api_routes(app: web.Application) -> Iterator[web.AbstractRoute]:
+    """Every route of `app`'s own API, in router order. A sub-application's routes (a browser
+    UI mounted under a prefix, with its own authentication) are not part of the API."""
+    for resource in app.router.resources():
+        if isinstance(resource, web.PrefixedSubAppResource):
+            continue
+        yield from resource
+
+
 def _route_keys(app: web.Application) -> list[tuple[str, str, str]]:
-    """(method, OpenAPI path, table path) for every route, HEAD left out, in router order."""
+    """(method, OpenAPI path, table path) for every API route, HEAD left out, in router order."""
     keys: list[tuple[str, str, str]] = []
-    for route in app.router.routes():
+    for route in api_routes(app):
         if route.method == "HEAD" or route.resource is None:
             continue
         path = route.resource.canonical

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from controller.api import create_app as create_controller_app
 from gpu_agent.api import create_app as create_agent_app
 from gpu_agent.sim.desktop import SimDesktop
-from gpu_common.openapi import OPENAPI_PATH
+from gpu_common.openapi import OPENAPI_PATH, api_routes
 from tests.integration.stack import AGENT_TOKEN, CONTROLLER_TOKEN, running_stack
 
 # The services' websocket keepalive pings (the controller's link to the agent, the agent's to
@@ -72,7 +72,7 @@ class Live:
 def _routes(app: Any) -> frozenset[tuple[str, str]]:
     return frozenset(
         (route.method, route.resource.canonical)
-        for route in app.router.routes()
+        for route in api_routes(app)
         if route.method != "HEAD" and route.resource is not None
     )
 
