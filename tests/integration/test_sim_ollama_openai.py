@@ -11,7 +11,7 @@ import base64
 import json
 import math
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,7 @@ async def desk() -> AsyncIterator[Desk]:
         await emu.close()
 
 
-def _norm(vector: list[float]) -> float:
+def _norm(vector: Sequence[float]) -> float:
     return math.sqrt(sum(v * v for v in vector))
 
 
@@ -109,7 +109,10 @@ async def test_embedding_models_load_with_their_memory_and_refuse_generate(desk:
 
     for path, what in (("/api/generate", "generate"), ("/api/chat", "chat")):
         body: dict[str, Any] = {"model": "nomic-embed-text", "stream": False}
-        body |= {"prompt": "hi"} if what == "generate" else {"messages": []}
+        if what == "generate":
+            body["prompt"] = "hi"
+        else:
+            body["messages"] = []
         refused = await desk.http.post(path, json=body)
         assert refused.status_code == 400
         assert refused.json() == {"error": f'"nomic-embed-text" does not support {what}'}
