@@ -25,7 +25,6 @@ from prometheus_client import CollectorRegistry
 from controller import __version__
 from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest, Task
-from controller.domain.workflows import image_key
 from controller.engine import Engine
 from controller.errors import AgentError, IdempotencyKeyReused
 from controller.llm_fields import (
@@ -39,6 +38,7 @@ from controller.metrics import make_registry, render
 from controller.openai_api import OPENAI_ROUTE_DOCS, add_openai_routes
 from controller.proxy import relay
 from controller.schema import (
+    LATENT_CLASSES,
     MAX_LATENT_BATCH,
     MAX_LATENT_SIDE,
     ControllerHealth,
@@ -253,13 +253,7 @@ async def submit_image(request: web.Request) -> web.Response:
     if not body.workflow:
         raise BadRequest("workflow must have at least one node")
     check_workflow(body.workflow)
-    key = image_key(body.workflow)
-    # ComfyUI refuses larger latents, and the job store keeps these as 64-bit integers.
-    if key.width > MAX_LATENT_SIDE or key.height > MAX_LATENT_SIDE or key.batch > MAX_LATENT_BATCH:
-        raise BadRequest(
-            f"latent of {key.width}x{key.height}, batch {key.batch}, is beyond ComfyUI's limits "
-            f"({MAX_LATENT_SIDE} a side, batch {MAX_LATENT_BATCH})"
-        )
+    _check_latent_limits(body.workflow)
     idempotency_key = _idempotency_key(request)
     if idempotency_key is None:
         record = await engine.images.submit(
@@ -274,6 +268,26 @@ async def submit_image(request: web.Request) -> web.Response:
         # asks again after this long (resubmitting with the same key reattaches).
         response.headers["Retry-After"] = str(_HELD_RETRY_AFTER_S)
     return response
+
+
+def _check_latent_limits(workflow: dict[str, Any]) -> None:
+    """BadRequest for a latent node sized beyond ComfyUI's limits, whatever the number's JSON
+    type (a float is no size, but its bound is still the document's); the job store keeps
+    sizes as 64-bit integers."""
+    limits = {"width": MAX_LATENT_SIDE, "height": MAX_LATENT_SIDE, "batch_size": MAX_LATENT_BATCH}
+    for node in workflow.values():
+        if not isinstance(node, dict) or node.get("class_type") not in LATENT_CLASSES:
+            continue
+        inputs = node.get("inputs")
+        if not isinstance(inputs, dict):
+            continue
+        for name, limit in limits.items():
+            value = inputs.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
+                raise BadRequest(
+                    f"latent {name} {value:g} is beyond ComfyUI's limits "
+                    f"({MAX_LATENT_SIDE} a side, batch {MAX_LATENT_BATCH})"
+                )
 
 
 def _idempotency_key(request: web.Request) -> str | None:

@@ -35,6 +35,13 @@ from gpu_agent.service import AgentService
 from gpu_common.errors import BadRequest, NotFound
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import auth_middleware, check_workflow, error_middleware, read_model
+from gpu_common.openai_schema import (
+    OpenAIChatRequest,
+    OpenAICompletionRequest,
+    OpenAIEmbeddingRequest,
+    OpenAIModel,
+    OpenAIModelList,
+)
 from gpu_common.openapi import OPENAPI_PATH, Param, RouteDoc, add_openapi_route
 from gpu_common.schema import (
     AgentEvent,
@@ -498,19 +505,26 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         ("POST", path): RouteDoc(
             f"Ollama's OpenAI-compatible {path}, passed through and streamed (SSE when asked): "
             "Ollama's statuses and bodies as it sends them; 503 when Ollama cannot be reached",
+            request=request,
             content_types=("application/json", "text/event-stream"),
             errors=(400, 413, 503),
             passthrough=True,
         )
-        for path in OPENAI_POST_ROUTES
+        for path, request in zip(
+            OPENAI_POST_ROUTES,
+            (OpenAIChatRequest, OpenAICompletionRequest, OpenAIEmbeddingRequest),
+            strict=True,
+        )
     },
     ("GET", "/v1/models"): RouteDoc(
         "Ollama's OpenAI-compatible model list, passed through",
+        response=OpenAIModelList,
         errors=(503,),
         passthrough=True,
     ),
     ("GET", "/v1/models/{model}"): RouteDoc(
         "One model in OpenAI's shape, passed through (404 for a model Ollama lacks)",
+        response=OpenAIModel,
         errors=(404, 503),
         passthrough=True,
         params=(Param("model", {"type": "string", "not": {"pattern": _DOT_SEGMENT}}),),
