@@ -83,8 +83,13 @@ _MODEL_ROUTES = {
     "/v1/completions",
     "/v1/embeddings",
 }
-# The OpenAI-compatible routes Ollama serves, passed through like /api/*.
-OPENAI_POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The OpenAI-compatible routes Ollama serves, passed through like /api/*, and the request
+# models that document them.
+OPENAI_POST_ROUTES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": OpenAIChatRequest,
+    "/v1/completions": OpenAICompletionRequest,
+    "/v1/embeddings": OpenAIEmbeddingRequest,
+}
 # The controller names that model in this header, so its body need not be parsed here; a
 # direct Ollama client does not, and its body is read for the name instead.
 MODEL_HEADER = "X-GPU-Model"
@@ -510,11 +515,7 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
             errors=(400, 413, 503),
             passthrough=True,
         )
-        for path, request in zip(
-            OPENAI_POST_ROUTES,
-            (OpenAIChatRequest, OpenAICompletionRequest, OpenAIEmbeddingRequest),
-            strict=True,
-        )
+        for path, request in OPENAI_POST_ROUTES.items()
     },
     ("GET", "/v1/models"): RouteDoc(
         "Ollama's OpenAI-compatible model list, passed through",
