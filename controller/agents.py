@@ -9,7 +9,10 @@ Failures reach callers as the controller's error tree, converted in one place (t
 section below):
 
     connect error, timeout, 5xx, malformed answer  ->  AgentUnavailable
-    4xx (the agent's `{"error": {"code", "message"}}`)  ->  AgentRejected
+    4xx (the agent's own error, its code in `X-GPU-Error`)  ->  AgentRejected
+
+On the Ollama pass-through an error without `X-GPU-Error` is Ollama's own, handed to the caller
+as it is.
 
 Only idempotent GETs are retried, and only on `AgentUnavailable`.
 """
@@ -42,6 +45,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from controller.errors import AgentRejected, AgentUnavailable
 from gpu_common import clock
 from gpu_common.backoff import Backoff
+from gpu_common.error_shapes import ERROR_CODE_HEADER, OPENAI_PATHS
 from gpu_common.schema import (
     AgentEvent,
     AgentStatus,
@@ -94,9 +98,10 @@ def ollama_path(path: str) -> str:
     return "/api/" + rest
 
 
-def error_fields(status: int, body: bytes) -> tuple[str, str]:
+def error_fields(status: int, body: bytes, code: str | None = None) -> tuple[str, str]:
     """`(code, message)` from an error answer: the agent's `{"error": {"code", "message"}}`,
-    Ollama's `{"error": "..."}` (passed through by the agent), or the raw text."""
+    Ollama's `{"error": "..."}`, OpenAI's `{"error": {"message", "type", ...}}`, or the raw
+    text. `code`, from the agent's `X-GPU-Error` header, wins over what the body says."""
     text = body.decode("utf-8", errors="replace")
     try:
         parsed = json.loads(text)
@@ -104,20 +109,14 @@ def error_fields(status: int, body: bytes) -> tuple[str, str]:
         parsed = None
     if isinstance(parsed, dict):
         error = parsed.get("error")
-        if isinstance(error, dict) and isinstance(error.get("code"), str):
-            return error["code"], str(error.get("message", ""))[:ERROR_TEXT_MAX]
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            named = error.get("code")
+            return code or (named if isinstance(named, str) else "openai"), str(error["message"])[
+                :ERROR_TEXT_MAX
+            ]
         if isinstance(error, str):
-            return "ollama", error[:ERROR_TEXT_MAX]
-    return f"http_{status}", text.strip()[:ERROR_TEXT_MAX] or f"HTTP {status}"
-
-
-def is_agent_error(body: bytes) -> bool:
-    """Whether an error body is the agent's own (as opposed to Ollama's, passed through)."""
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+            return code or "ollama", error[:ERROR_TEXT_MAX]
+    return code or f"http_{status}", text.strip()[:ERROR_TEXT_MAX] or f"HTTP {status}"
 
 
 class OllamaStream:
@@ -467,7 +466,8 @@ class AgentLink:
     async def ollama_stream(
         self, path: str, body: bytes, *, model: str | None = None
     ) -> AsyncIterator[OllamaStream]:
-        """`POST /api/<path>` through the agent, streamed: yields the open answer.
+        """`POST /api/<path>` (or one of Ollama's OpenAI routes, `/v1/chat/completions` and the
+        like, given whole) through the agent, streamed: yields the open answer.
 
         `model`, the model `body` names, travels in the `X-GPU-Model` header too, so the agent
         knows which model the request occupies without parsing the body. Ollama's own answers,
@@ -479,7 +479,8 @@ class AgentLink:
         calls keep httpx. Until the agent's headers arrive the wait is `load_timeout_s` (the
         first byte may wait for a load), and so is each wait for more of the body.
         """
-        what = f"POST {ollama_path(path)}"
+        url_path = path if path in OPENAI_PATHS else ollama_path(path)
+        what = f"POST {url_path}"
         timeout = self._timeout(self.load_timeout_s)
         headers = {"Content-Type": "application/json"}
         if model is not None:
@@ -488,9 +489,7 @@ class AgentLink:
         try:
             async with asyncio.timeout(self.load_timeout_s):
                 with self._converted(what, timeout):
-                    response = await session.post(
-                        self.url + ollama_path(path), data=body, headers=headers
-                    )
+                    response = await session.post(self.url + url_path, data=body, headers=headers)
         except TimeoutError as exc:
             raise AgentUnavailable(
                 self.name, f"{what} timed out (no answer, limit {self.load_timeout_s} s)"
@@ -500,10 +499,10 @@ class AgentLink:
             raise AgentUnavailable(self.name, f"{what} failed: {_describe(exc)}") from exc
         try:
             with self._converted(what, timeout):
-                if response.status >= 400:
-                    answer = await response.read()
-                    if is_agent_error(answer):
-                        self._raise_for_answer(response.status, answer)
+                agent_code = response.headers.get(ERROR_CODE_HEADER)
+                if response.status >= 400 and agent_code is not None:
+                    # The agent's own error (Ollama's pass through without the header).
+                    self._raise_for_answer(response.status, await response.read(), agent_code)
                 yield OllamaStream(response)
         finally:
             # Back to the pool when the answer was read to its end, else closed: that tells
@@ -639,12 +638,14 @@ class AgentLink:
             raise AgentUnavailable(self.name, f"{what} failed: {detail}") from exc
 
     def _raise_for_status(self, response: httpx.Response) -> None:
-        self._raise_for_answer(response.status_code, response.content)
+        self._raise_for_answer(
+            response.status_code, response.content, response.headers.get(ERROR_CODE_HEADER)
+        )
 
-    def _raise_for_answer(self, status: int, body: bytes) -> None:
+    def _raise_for_answer(self, status: int, body: bytes, code: str | None = None) -> None:
         if status < 400:
             return
-        code, message = error_fields(status, body)
+        code, message = error_fields(status, body, code)
         if status >= 500:
             raise AgentUnavailable(self.name, f"{status} {code}: {message}")
         raise AgentRejected(self.name, status, code, message)

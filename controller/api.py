@@ -2,10 +2,12 @@
 
 Existing Ollama clients work unchanged against `/api/*`: the controller picks the agent and the
 model (for `auto`, `auto:fast`, `auto:quality`), makes room, and streams the agent's answer through
-chunk by chunk. Response headers name the choice (`X-GPU-Model`, `X-GPU-Agent`, `X-GPU-Reason`).
-When nothing can serve within limits: 503 with `Retry-After` and the reason. Host and Origin
-are checked on every request (`gpu_common.hosts`); `/openapi.json` describes every route
-(`gpu_common.openapi`) and, like `/healthz`, needs no token.
+chunk by chunk (`controller.proxy`). Embedding requests (`/api/embed`, `/api/embeddings`) name
+their model. Response headers name the choice (`X-GPU-Model`, `X-GPU-Agent`, `X-GPU-Reason`).
+When nothing can serve within limits: 503 with `Retry-After` and the reason. Errors on `/api/*`
+are Ollama's shape, `{"error": "..."}`; OpenAI's routes live in `controller.openai_api`. Host
+and Origin are checked on every request (`gpu_common.hosts`); `/openapi.json` describes every
+route (`gpu_common.openapi`) and, like `/healthz`, needs no token.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,12 +25,21 @@ from prometheus_client import CollectorRegistry
 from controller import __version__
 from controller.dashboard import DASHBOARD_PREFIX, browser_redirect_middleware, create_dashboard
 from controller.domain.selection import AUTO_INTENTS
-from controller.domain.types import LlmRequest
-from controller.domain.workflows import image_key
+from controller.domain.types import LlmRequest, Task
 from controller.engine import Engine
 from controller.errors import AgentError, IdempotencyKeyReused
+from controller.llm_fields import (
+    CONSTRAINT_HEADERS,
+    check_constraint_types,
+    pop_constraints,
+    positive_int,
+    prompt_tokens,
+)
 from controller.metrics import make_registry, render
+from controller.openai_api import OPENAI_ROUTE_DOCS, add_openai_routes
+from controller.proxy import relay
 from controller.schema import (
+    LATENT_CLASSES,
     MAX_LATENT_BATCH,
     MAX_LATENT_SIDE,
     ControllerHealth,
@@ -38,6 +48,8 @@ from controller.schema import (
     ImageSubmit,
     ModelsInfo,
     OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaModelList,
     OllamaShowRequest,
@@ -63,12 +75,6 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-# Our own request fields, stripped before the request goes on to Ollama.
-_CONSTRAINTS = ("min_quality", "max_latency_s")
-# Keep the final NDJSON line of a stream for learning; a line longer than this is not kept.
-_MAX_FINAL_LINE = 4 * 1024 * 1024
-# The largest context or output length taken into a latency estimate (Ollama caps them anyway).
-_MAX_TOKENS = 1 << 20
 # Idempotency keys are kept a day (the IETF draft leaves expiry to the server); a claim not
 # bound to a job within a minute belonged to a request that died with the process.
 _IDEMPOTENCY_KEEP_S = 86400.0
@@ -83,10 +89,6 @@ _MAX_OUTPUT_INDEX = 2**31 - 1
 def _json(payload: Any, status: int = 200) -> web.Response:
     body = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return web.Response(text=body, status=status, content_type="application/json")
-
-
-def _ascii(text: str, limit: int = 400) -> str:
-    return text.encode("ascii", "replace").decode()[:limit]
 
 
 def _now() -> str:
@@ -112,137 +114,57 @@ async def _ollama_body(request: web.Request) -> dict[str, Any]:
     messages = body.get("messages")
     if messages is not None and not isinstance(messages, list):
         raise BadRequest("messages must be a list")
-    for name in _CONSTRAINTS:
-        # In the body a constraint is a JSON number; only its header spells it as text.
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise BadRequest(f"{name} must be a number")
+    check_constraint_types(body)
     return body
 
 
-def _number(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise BadRequest(f"{name} must be a number") from exc
-    if not math.isfinite(number) or number < 0:
-        raise BadRequest(f"{name} must be a non-negative number")
-    return number
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    """A rough count (4 characters a token) for the latency estimate; Ollama counts exactly."""
-    chars = len(str(body.get("prompt") or "")) + len(str(body.get("system") or ""))
-    for message in body.get("messages") or []:
-        if isinstance(message, dict):
-            chars += len(str(message.get("content") or ""))
-    return max(1, chars // 4) + 16
-
-
-def _positive_int(value: Any) -> int | None:
-    """A positive integer option for the estimates, capped; None when it is anything else."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return min(value, _MAX_TOKENS)
-    return None
-
-
-async def _generate(request: web.Request, path: str) -> web.StreamResponse:
+async def _generate(request: web.Request, path: str, task: Task) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     body = await _ollama_body(request)
-    min_quality = _number(
-        body.pop("min_quality", request.headers.get("X-GPU-Min-Quality")), "min_quality"
-    )
-    max_latency = _number(
-        body.pop("max_latency_s", request.headers.get("X-GPU-Max-Latency-S")), "max_latency_s"
-    )
+    if task == "embed":
+        _check_embed_input(body)
+    min_quality, max_latency = pop_constraints(body, request.headers)
     options = body.get("options") or {}
     llm_request = LlmRequest(
         model=body["model"].strip(),
-        prompt_tokens=_prompt_tokens(body),
-        output_tokens=_positive_int(options.get("num_predict")),
+        prompt_tokens=prompt_tokens(body),
+        output_tokens=positive_int(options.get("num_predict")),
         min_quality=min_quality,
         max_latency_s=max_latency,
+        task=task,
     )
-    route = await engine.llm.acquire(llm_request, num_ctx=_positive_int(options.get("num_ctx")))
-    try:
-        body["model"] = route.model
-        # Parsed once above and serialised once here; the agent learns the model from the
-        # header and passes the bytes on unread.
-        forwarded = json.dumps(body).encode()
-        async with route.link.ollama_stream(path, forwarded, model=route.model) as upstream:
-            pieces = upstream.aiter_raw()
-            first = await anext(pieces, b"")
-            final = _FinalLine(first)
-            # An answer complete at its first read (not streamed, or short) goes out as one
-            # plain response, headers and body in one write; a longer one is streamed.
-            whole = upstream.complete
-            response: web.StreamResponse
-            if whole:
-                response = web.Response(status=upstream.status_code, body=first)
-            else:
-                response = web.StreamResponse(status=upstream.status_code)
-            content_type = upstream.headers.get("Content-Type", "application/json")
-            response.content_type = content_type.split(";")[0]
-            response.headers["X-GPU-Model"] = route.model
-            response.headers["X-GPU-Agent"] = route.agent
-            response.headers["X-GPU-Reason"] = _ascii(route.reason)
-            last = b""
-            if not whole:
-                await response.prepare(request)
-                await response.write(first)
-                async for chunk in pieces:
-                    final.feed(chunk)
-                    if upstream.complete:
-                        last = chunk  # sent with the end of the stream, in one write
-                        break
-                    await response.write(chunk)
-            # The model is free once the answer is complete: release before the caller sees
-            # the end, or its next request could find the model still counted as busy.
-            engine.llm.release(route)
-            await response.prepare(request)
-            await response.write_eof(last)
-        learned = final.value()
-        if upstream.status_code == 200 and learned is not None:
-            await engine.llm.record(route, learned)
-        return response
-    finally:
-        engine.llm.release(route)
+    route = await engine.llm.acquire(llm_request, num_ctx=positive_int(options.get("num_ctx")))
+    return await relay(request, engine.llm, route, path, body)
 
 
-class _FinalLine:
-    """The last NDJSON line of an answer fed piece by piece: Ollama's final line, with the
-    counters the speeds are learned from. A line longer than `_MAX_FINAL_LINE` is not kept."""
-
-    def __init__(self, first: bytes = b"") -> None:
-        self._line = b""
-        self._partial = b""
-        self.feed(first)
-
-    def feed(self, piece: bytes) -> None:
-        partial = self._partial + piece
-        if b"\n" in partial:
-            *complete, partial = partial.split(b"\n")
-            self._line = next((line for line in reversed(complete) if line.strip()), self._line)
-        self._partial = partial if len(partial) <= _MAX_FINAL_LINE else b""
-
-    def value(self) -> dict[str, Any] | None:
-        """The last line as a JSON object; None when it is not one."""
-        line = self._partial if self._partial.strip() else self._line
-        try:
-            value = json.loads(line) if line else {}
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+def _check_embed_input(body: dict[str, Any]) -> None:
+    """An embedding request's texts: `input` (a string or a list of strings) or the older
+    `prompt` (a string); refused before any model is loaded for it, in Ollama's words."""
+    given = body.get("input")
+    if given is not None and not (
+        isinstance(given, str)
+        or (isinstance(given, list) and all(isinstance(item, str) for item in given))
+    ):
+        raise BadRequest("invalid input type")
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
 
 
 async def api_generate(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "generate")
+    return await _generate(request, "generate", "generate")
 
 
 async def api_chat(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "chat")
+    return await _generate(request, "chat", "chat")
+
+
+async def api_embed(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "embed", "embed")
+
+
+async def api_embeddings(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "embeddings", "embed")
 
 
 _AUTO_DETAILS = {
@@ -332,13 +254,7 @@ async def submit_image(request: web.Request) -> web.Response:
     if not body.workflow:
         raise BadRequest("workflow must have at least one node")
     check_workflow(body.workflow)
-    key = image_key(body.workflow)
-    # ComfyUI refuses larger latents, and the job store keeps these as 64-bit integers.
-    if key.width > MAX_LATENT_SIDE or key.height > MAX_LATENT_SIDE or key.batch > MAX_LATENT_BATCH:
-        raise BadRequest(
-            f"latent of {key.width}x{key.height}, batch {key.batch}, is beyond ComfyUI's limits "
-            f"({MAX_LATENT_SIDE} a side, batch {MAX_LATENT_BATCH})"
-        )
+    _check_latent_limits(body.workflow)
     idempotency_key = _idempotency_key(request)
     if idempotency_key is None:
         record = await engine.images.submit(
@@ -353,6 +269,26 @@ async def submit_image(request: web.Request) -> web.Response:
         # asks again after this long (resubmitting with the same key reattaches).
         response.headers["Retry-After"] = str(_HELD_RETRY_AFTER_S)
     return response
+
+
+def _check_latent_limits(workflow: dict[str, Any]) -> None:
+    """BadRequest for a latent node sized beyond ComfyUI's limits, whatever the number's JSON
+    type (a float is no size, but its bound is still the document's); the job store keeps
+    sizes as 64-bit integers."""
+    limits = {"width": MAX_LATENT_SIDE, "height": MAX_LATENT_SIDE, "batch_size": MAX_LATENT_BATCH}
+    for node in workflow.values():
+        if not isinstance(node, dict) or node.get("class_type") not in LATENT_CLASSES:
+            continue
+        inputs = node.get("inputs")
+        if not isinstance(inputs, dict):
+            continue
+        for name, limit in limits.items():
+            value = inputs.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
+                raise BadRequest(
+                    f"latent {name} {value:g} is beyond ComfyUI's limits "
+                    f"({MAX_LATENT_SIDE} a side, batch {MAX_LATENT_BATCH})"
+                )
 
 
 def _idempotency_key(request: web.Request) -> str | None:
@@ -477,7 +413,7 @@ async def image_output(request: web.Request) -> web.FileResponse:
     )
 
 
-async def models(request: web.Request) -> web.Response:
+async def catalog(request: web.Request) -> web.Response:
     return _json(request.app[ENGINE_KEY].models_info())
 
 
@@ -522,6 +458,8 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     router.add_get("/", root)
     router.add_post("/api/generate", api_generate)
     router.add_post("/api/chat", api_chat)
+    router.add_post("/api/embed", api_embed)
+    router.add_post("/api/embeddings", api_embeddings)
     router.add_get("/api/tags", api_tags)
     router.add_get("/api/ps", api_ps)
     router.add_post("/api/show", api_show)
@@ -531,8 +469,9 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     router.add_delete("/v1/images/{job_id}", cancel_image)
     router.add_get("/v1/images/{job_id}/events", image_events)
     router.add_get("/v1/images/{job_id}/outputs/{index}", image_output)
-    router.add_get("/v1/models", models)
+    router.add_get("/v1/catalog", catalog)
     router.add_get("/v1/fleet", fleet)
+    add_openai_routes(router, engine)
     add_openapi_route(
         app,
         ROUTE_DOCS,
@@ -561,23 +500,6 @@ _OUTPUT_INDEX_PARAM = Param(
     {"type": "integer", "minimum": 0, "maximum": _MAX_OUTPUT_INDEX},
     description="0 for the first output; an index the job does not have answers 404",
 )
-# The constraints may come as headers instead of body fields (the body wins).
-_CONSTRAINT_HEADERS = (
-    Param(
-        "X-GPU-Min-Quality",
-        {"type": "number", "minimum": 0},
-        location="header",
-        required=False,
-        description="the least quality score acceptable, when the body names none",
-    ),
-    Param(
-        "X-GPU-Max-Latency-S",
-        {"type": "number", "minimum": 0},
-        location="header",
-        required=False,
-        description="the longest acceptable answer time in seconds, when the body names none",
-    ),
-)
 # An LLM route hands on the agent's answer, Ollama's own errors included; 503 with Retry-After
 # when nothing can serve the request within limits now.
 _OLLAMA_ERRORS = (400, 404, 500, 502, 503)
@@ -601,35 +523,45 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         request=OllamaGenerateRequest,
         content_types=_STREAM_TYPES,
         errors=_OLLAMA_ERRORS,
-        params=_CONSTRAINT_HEADERS,
+        params=CONSTRAINT_HEADERS,
         retry_after=(503,),
-        ollama=True,
     ),
     ("POST", "/api/chat"): RouteDoc(
         "Ollama chat; model may be auto, auto:fast or auto:quality",
         request=OllamaChatRequest,
         content_types=_STREAM_TYPES,
         errors=_OLLAMA_ERRORS,
-        params=_CONSTRAINT_HEADERS,
+        params=CONSTRAINT_HEADERS,
         retry_after=(503,),
-        ollama=True,
+    ),
+    ("POST", "/api/embed"): RouteDoc(
+        "Ollama embed: the vectors of `input` by the named model (no auto intent: an embedding "
+        "request names its model)",
+        request=OllamaEmbedRequest,
+        errors=_OLLAMA_ERRORS,
+        params=CONSTRAINT_HEADERS,
+        retry_after=(503,),
+    ),
+    ("POST", "/api/embeddings"): RouteDoc(
+        "Ollama's older embeddings route: the vector of `prompt` by the named model",
+        request=OllamaEmbeddingsRequest,
+        errors=_OLLAMA_ERRORS,
+        params=CONSTRAINT_HEADERS,
+        retry_after=(503,),
     ),
     ("GET", "/api/tags"): RouteDoc(
-        "Ollama tags, with the auto intents first", response=OllamaModelList, errors=(), ollama=True
+        "Ollama tags, with the auto intents first", response=OllamaModelList, errors=()
     ),
     ("GET", "/api/ps"): RouteDoc(
-        "Ollama ps, over every agent", response=OllamaModelList, errors=(), ollama=True
+        "Ollama ps, over every agent", response=OllamaModelList, errors=()
     ),
     ("POST", "/api/show"): RouteDoc(
         "Ollama show (no body: describes no model, 404)",
         request=OllamaShowRequest,
         request_optional=True,
         errors=(400, 404, 500, 502, 503),
-        ollama=True,
     ),
-    ("GET", "/api/version"): RouteDoc(
-        "Ollama version", response=OllamaVersion, errors=(), ollama=True
-    ),
+    ("GET", "/api/version"): RouteDoc("Ollama version", response=OllamaVersion, errors=()),
     ("POST", "/v1/images"): RouteDoc(
         "Submit an image job (a ComfyUI workflow in API format); with an Idempotency-Key, "
         "the same key returns the same job",
@@ -668,10 +600,13 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         content_type="image/png",
         params=(_JOB_ID_PARAM, _OUTPUT_INDEX_PARAM),
     ),
-    ("GET", "/v1/models"): RouteDoc(
-        "Catalogue with learned speeds and footprints", response=ModelsInfo, errors=()
+    ("GET", "/v1/catalog"): RouteDoc(
+        "Catalogue with learned speeds and footprints, embedding models marked",
+        response=ModelsInfo,
+        errors=(),
     ),
     ("GET", "/v1/fleet"): RouteDoc(
         "Agents, GPUs, resident models, held jobs with reasons", response=FleetInfo, errors=()
     ),
+    **OPENAI_ROUTE_DOCS,
 }

@@ -3,7 +3,7 @@
 One `StudioClient` speaks the controller's whole HTTP API: text generation through the
 Ollama-compatible `/api/generate` and `/api/chat` (whole or streamed, with the controller's
 choice of model, agent and reason read from its headers), image jobs under `/v1/images`
-(submit, follow, fetch, cancel), and the `/v1/models`, `/v1/fleet` and `/healthz` views.
+(submit, follow, fetch, cancel), and the `/v1/catalog`, `/v1/fleet` and `/healthz` views.
 
 Errors form one tree; catch at the depth you care about:
 
@@ -42,6 +42,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from controller.schema import FleetInfo, ImageJobInfo, ModelsInfo
 from gpu_common import clock
+from gpu_common.error_shapes import ERROR_CODE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,8 @@ def _error_from_response(response: httpx.Response, what: str) -> StudioError:
     except ValueError:
         payload = None
     code, message = _error_fields(payload, _DEFAULT_CODES.get(status, "http_error"))
+    # The controller names its own code here too: on the Ollama routes the body cannot.
+    code = response.headers.get(ERROR_CODE_HEADER) or code
     if not message:
         message = response.text[:_SNIPPET_CHARS].strip() or response.reason_phrase
     if status == 503:
@@ -641,9 +644,10 @@ class StudioClient:
     # -- views ---------------------------------------------------------------------------
 
     async def models(self) -> ModelsInfo:
-        """The models the fleet offers, with quality, footprint and learned speeds."""
-        response = await self._send("GET", "/v1/models", _Retry.IDEMPOTENT)
-        return _decoded(response, ModelsInfo, "GET /v1/models")
+        """The models the fleet offers (`/v1/catalog`), with quality, footprint, learned speeds
+        and whether each is an embedding model."""
+        response = await self._send("GET", "/v1/catalog", _Retry.IDEMPOTENT)
+        return _decoded(response, ModelsInfo, "GET /v1/catalog")
 
     async def fleet(self) -> FleetInfo:
         """Every agent's health and memory, held image jobs, and job counts by state."""

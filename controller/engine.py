@@ -189,6 +189,7 @@ class Engine:
                     samples=speed.samples if speed else 0,
                     agents=offered.get(name, []),
                     resident_on=[s.name for s in states if s.resident_model(name)],
+                    embedding=profile.embedding,
                 )
             )
         return ModelsInfo(models=models, image_footprints_bytes=dict(self.knowledge.image_peaks))

@@ -29,17 +29,27 @@ class ControllerError(ServiceError):
 
 
 class NoCapacity(ControllerError):
-    """Nothing can serve the request within its limits now; try again after `retry_after_s`."""
+    """Nothing can serve the request within its limits now; try again after `retry_after_s`.
+
+    The message says so in the words Ollama uses for a full queue, then why (`reason`, also in
+    `X-GPU-Reason`): an Ollama or OpenAI client shows only the message."""
 
     code = "no_capacity"
     http_status = 503
 
     def __init__(self, reason: str, retry_after_s: float) -> None:
-        super().__init__(reason)
         self.retry_after_s = retry_after_s
+        self.reason = reason
+        super().__init__(f"server busy, please try again in {self.retry_after_whole_s} s: {reason}")
+
+    @property
+    def retry_after_whole_s(self) -> int:
+        """`retry_after_s` as the whole seconds `Retry-After` carries (at least 1)."""
+        return max(1, math.ceil(self.retry_after_s))
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        reason = self.reason.encode("ascii", "replace").decode()[:400]
+        return {"Retry-After": str(self.retry_after_whole_s), "X-GPU-Reason": reason}
 
 
 class StoreError(ControllerError):

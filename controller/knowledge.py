@@ -58,7 +58,7 @@ class Knowledge:
         self._catalog_snapshots: tuple[object, ...] | None = None
         # Each model's latest profile with the agent's figures it was built from, so a rebuild
         # reuses it while they hold; `_stale` names the models learned about since.
-        self._profiles: dict[str, tuple[tuple[int, str | None, str | None], ModelProfile]] = {}
+        self._profiles: dict[str, tuple[tuple[object, ...], ModelProfile]] = {}
         self._stale: set[str] = set()
 
     async def load(self) -> None:
@@ -118,7 +118,8 @@ class Knowledge:
 
     def _profile(self, model: AvailableModelInfo) -> ModelProfile:
         """`model`'s profile, rebuilt only if what it is built from changed."""
-        figures = (model.size_bytes, model.family, model.parameter_size)
+        capabilities = tuple(model.capabilities) if model.capabilities is not None else None
+        figures = (model.size_bytes, model.family, model.parameter_size, capabilities)
         cached = self._profiles.get(model.name)
         if cached is not None and cached[0] == figures and model.name not in self._stale:
             return cached[1]
@@ -131,6 +132,7 @@ class Knowledge:
             speed=self.speeds.get(model.name, Speed()),
             footprints=self.llm_footprints,
             num_ctx=DEFAULT_NUM_CTX,
+            capabilities=capabilities,
         )
         self._profiles[model.name] = (figures, built)
         self._stale.discard(model.name)

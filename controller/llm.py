@@ -5,7 +5,9 @@ load needs and counts the request against the model, then carries the plan out o
 unloads (each confirmed on the GPU by the agent), a ComfyUI free, the load. The caller streams the
 request through the returned route and calls `release()` (and `record()` with Ollama's final
 line, so speeds are learned). While nothing can serve within limits it waits, up to `llm_wait_s`,
-for the fleet to change; then it raises `NoCapacity` with the core's reason.
+for the fleet to change; then it raises `NoCapacity` with the core's reason. A request that can
+never be served as asked fails at once: `NotFound` for an unknown model, `BadRequest` for one
+its model cannot serve.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from controller.errors import AgentRejected, NoCapacity
 from controller.fleet import Fleet
 from controller.knowledge import Knowledge
 from controller.pulse import Pulse
-from gpu_common.errors import NotFound
+from gpu_common.errors import BadRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +177,10 @@ class LlmRouter:
                         "plan for %s hit a busy model (%s); planning again", request.model, exc
                     )
                     continue
-            if decision.retry_after_s == 0:
+            if decision.kind == "unknown":
                 raise NotFound(decision.reason)
+            if decision.kind == "unsupported":
+                raise BadRequest(decision.reason)
             left = deadline - self._clock()
             if left <= 0:
                 raise NoCapacity(decision.reason, retry_after_s=decision.retry_after_s)

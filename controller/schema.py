@@ -1,7 +1,8 @@
 """The controller's own wire models (adapter layer): image jobs, models, fleet.
 
-The Ollama-compatible routes speak Ollama's shapes; everything under `/v1` speaks these.
-Errors use the agent's `ErrorResponse` shape: `{"error": {"code", "message"}}`.
+The Ollama-compatible routes speak Ollama's shapes and the OpenAI routes OpenAI's
+(`gpu_common.schema`); the controller's own routes under `/v1` speak these, and their errors
+are `{"error": {"code", "message"}}` (`gpu_common.error_shapes`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class ModelInfo(WireModel):
     samples: int
     agents: list[str]
     resident_on: list[str]
+    embedding: bool = Field(
+        default=False, description="serves only embeddings; the auto intents never pick it"
+    )
 
 
 class ModelsInfo(WireModel):
@@ -211,6 +215,18 @@ class OllamaChatRequest(OllamaRequest):
     """`POST /api/chat`."""
 
     messages: list[Any] | None = None
+
+
+class OllamaEmbedRequest(OllamaRequest):
+    """`POST /api/embed`: `model` names an embedding model (or any model; no auto intent)."""
+
+    input: str | list[str] | None = None
+
+
+class OllamaEmbeddingsRequest(OllamaRequest):
+    """`POST /api/embeddings`, Ollama's older route: one `prompt`."""
+
+    prompt: str | None = None
 
 
 class OllamaShowRequest(BaseModel):

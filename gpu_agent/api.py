@@ -1,7 +1,9 @@
 """The agent's HTTP API (adapter layer): aiohttp app factory, auth, limits, errors, pass-through.
 
-Every error leaves as JSON `{"error": {"code", "message"}}` with a fitting status; conversion
-happens once, in `error_middleware`. Every route but `/healthz` and `/openapi.json` needs
+Every error leaves as JSON with a fitting status, converted once, in `error_middleware`: in
+Ollama's shape `{"error": "..."}` on the `/api/*` pass-through, in OpenAI's on the OpenAI routes
+Ollama serves under `/v1` (passed through too), and as `{"error": {"code", "message"}}` on the
+agent's own routes. Every route but `/healthz` and `/openapi.json` needs
 `Authorization: Bearer <token>` when a token is configured; the comparison is constant-time.
 Before that, every request's Host and Origin are checked (`gpu_common.hosts`), and
 `/openapi.json` describes every route (`gpu_common.openapi`).
@@ -33,6 +35,13 @@ from gpu_agent.service import AgentService
 from gpu_common.errors import BadRequest, NotFound
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import auth_middleware, check_workflow, error_middleware, read_model
+from gpu_common.openai_schema import (
+    OpenAIChatRequest,
+    OpenAICompletionRequest,
+    OpenAIEmbeddingRequest,
+    OpenAIModel,
+    OpenAIModelList,
+)
 from gpu_common.openapi import OPENAPI_PATH, Param, RouteDoc, add_openapi_route
 from gpu_common.schema import (
     AgentEvent,
@@ -65,7 +74,22 @@ _MAX_OUTPUT_INDEX = 2**31 - 1
 # A path under /api/ may hold no "." or ".." segment.
 _DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 # Ollama endpoints whose requests name a model and occupy it while they run.
-_MODEL_ROUTES = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
+_MODEL_ROUTES = {
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+}
+# The OpenAI-compatible routes Ollama serves, passed through like /api/*, and the request
+# models that document them.
+OPENAI_POST_ROUTES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": OpenAIChatRequest,
+    "/v1/completions": OpenAICompletionRequest,
+    "/v1/embeddings": OpenAIEmbeddingRequest,
+}
 # The controller names that model in this header, so its body need not be parsed here; a
 # direct Ollama client does not, and its body is read for the name instead.
 MODEL_HEADER = "X-GPU-Model"
@@ -211,7 +235,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def ollama_passthrough(request: web.Request) -> web.StreamResponse:
-    """Forward `/api/*` to Ollama, streaming the answer chunk by chunk as it arrives."""
+    """Forward `/api/*` and Ollama's OpenAI routes to Ollama, streaming the answer chunk by
+    chunk as it arrives."""
     service = request.app[SERVICE_KEY]
     # Only /api/* may reach Ollama: a dot segment ("..", or "%2e%2e" once decoded) would let
     # the upstream URL climb out of it.
@@ -372,6 +397,10 @@ def create_app(
     app.router.add_post("/v1/comfyui/free", comfyui_free)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/api/{tail:.*}", ollama_passthrough)
+    for path in OPENAI_POST_ROUTES:
+        app.router.add_post(path, ollama_passthrough)
+    app.router.add_get("/v1/models", ollama_passthrough, allow_head=False)
+    app.router.add_get("/v1/models/{model:.+}", ollama_passthrough, allow_head=False)
     add_openapi_route(
         app,
         ROUTE_DOCS,
@@ -476,6 +505,30 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
             ),
         ),
         passthrough=True,
+    ),
+    **{
+        ("POST", path): RouteDoc(
+            f"Ollama's OpenAI-compatible {path}, passed through and streamed (SSE when asked): "
+            "Ollama's statuses and bodies as it sends them; 503 when Ollama cannot be reached",
+            request=request,
+            content_types=("application/json", "text/event-stream"),
+            errors=(400, 413, 503),
+            passthrough=True,
+        )
+        for path, request in OPENAI_POST_ROUTES.items()
+    },
+    ("GET", "/v1/models"): RouteDoc(
+        "Ollama's OpenAI-compatible model list, passed through",
+        response=OpenAIModelList,
+        errors=(503,),
+        passthrough=True,
+    ),
+    ("GET", "/v1/models/{model}"): RouteDoc(
+        "One model in OpenAI's shape, passed through (404 for a model Ollama lacks)",
+        response=OpenAIModel,
+        errors=(404, 503),
+        passthrough=True,
+        params=(Param("model", {"type": "string", "not": {"pattern": _DOT_SEGMENT}}),),
     ),
 }
 

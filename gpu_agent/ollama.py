@@ -28,6 +28,14 @@ class AvailableModel:
     family: str | None
     parameter_size: str | None
     quantization_level: str | None
+    # What it can do ("completion", "embedding", "tools", ...), as Ollama lists it since 0.12;
+    # None from an older Ollama, which does not say.
+    capabilities: list[str] | None = None
+
+    @property
+    def embedding(self) -> bool:
+        """An embedding model: Ollama loads it through /api/embed, not generate."""
+        return self.capabilities is not None and "embedding" in self.capabilities
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +135,7 @@ class OllamaClient:
         models = []
         for item in body.get("models") or []:
             details = item.get("details") or {}
+            capabilities = item.get("capabilities")
             models.append(
                 AvailableModel(
                     name=str(item.get("name") or item.get("model")),
@@ -134,6 +143,9 @@ class OllamaClient:
                     family=details.get("family"),
                     parameter_size=details.get("parameter_size"),
                     quantization_level=details.get("quantization_level"),
+                    capabilities=(
+                        [str(c) for c in capabilities] if isinstance(capabilities, list) else None
+                    ),
                 )
             )
         return models
@@ -156,15 +168,24 @@ class OllamaClient:
         return models
 
     async def load(
-        self, model: str, *, keep_alive: str | float | None = None, num_ctx: int | None = None
+        self,
+        model: str,
+        *,
+        keep_alive: str | float | None = None,
+        num_ctx: int | None = None,
+        embedding: bool = False,
     ) -> None:
-        """Load `model` (an empty generate request); returns once Ollama says it is loaded."""
-        body: dict[str, Any] = {"model": model, "stream": False}
+        """Load `model` (an empty generate request, or for an `embedding` model an empty embed
+        request: Ollama refuses generate on those); returns once Ollama says it is loaded."""
+        body: dict[str, Any] = {"model": model}
+        if not embedding:
+            body["stream"] = False
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         if num_ctx is not None:
             body["options"] = {"num_ctx": num_ctx}
-        await self._send("POST", "/api/generate", json=body, timeout_s=self.load_timeout_s)
+        path = "/api/embed" if embedding else "/api/generate"
+        await self._send("POST", path, json=body, timeout_s=self.load_timeout_s)
 
     async def unload(self, model: str) -> None:
         """Ask Ollama to unload `model`. It answers at once; the memory follows later."""

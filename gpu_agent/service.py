@@ -27,6 +27,7 @@ from gpu_agent.errors import (
     GpuAgentError,
     ModelNotFound,
     OllamaError,
+    OllamaRejected,
     UnloadTimeout,
 )
 from gpu_agent.gpu.attribution import classify
@@ -420,6 +421,32 @@ class AgentService:
         self._ollama_state.running = running
         return next((m for m in running if normalize_model_name(m.name) == key), None)
 
+    async def _load_model(self, request: LoadRequest) -> None:
+        """Ask Ollama to load the model the way its kind needs: an embedding model through
+        /api/embed. An Ollama too old to list capabilities says so by refusing generate."""
+        key = normalize_model_name(request.model)
+        listed = next(
+            (m for m in self._ollama_state.available if normalize_model_name(m.name) == key),
+            None,
+        )
+        embedding = listed is not None and listed.embedding
+        try:
+            await self.ollama.load(
+                request.model,
+                keep_alive=request.keep_alive,
+                num_ctx=request.num_ctx,
+                embedding=embedding,
+            )
+        except OllamaRejected as exc:
+            if embedding or "does not support generate" not in str(exc):
+                raise
+            await self.ollama.load(
+                request.model,
+                keep_alive=request.keep_alive,
+                num_ctx=request.num_ctx,
+                embedding=True,
+            )
+
     async def load(self, request: LoadRequest) -> LoadResult:
         """Load a model; returns once Ollama lists it, with the load time and its footprint."""
         async with self._ollama_lock:
@@ -427,9 +454,7 @@ class AgentService:
                 already = await self._find_running(request.model)
                 before = owner_bytes(await self.sampler.sample_now(), "ollama")
                 started = self._clock()
-                await self.ollama.load(
-                    request.model, keep_alive=request.keep_alive, num_ctx=request.num_ctx
-                )
+                await self._load_model(request)
                 load_time_s = self._clock() - started
                 loaded = await self._find_running(request.model)
                 after = owner_bytes(await self.sampler.sample_now(), "ollama")

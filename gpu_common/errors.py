@@ -6,6 +6,7 @@
     └── RequestError             a caller's request cannot be served as asked (4xx)
         ├── BadRequest           malformed or invalid input
         ├── Unauthorized         missing or wrong bearer token
+        ├── Forbidden            a Host or Origin the service does not know
         ├── NotFound             no such route, job, model, prompt or output
         ├── Conflict             the state forbids it now
         └── PayloadTooLarge      the body exceeds the configured limit
@@ -13,7 +14,7 @@
 `gpu_agent.errors` and `controller.errors` extend this tree with what only one side raises. Every
 class names the `code` and HTTP status its API answers with, and `details()` what a caller needs
 beyond the message, so `gpu_common.http.error_middleware` converts any of them in one place into
-the one JSON error shape, `{"error": {"code", "message", "details"?}}`.
+a JSON error in the shape of the route's family (`gpu_common.error_shapes`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,18 @@ class Unauthorized(RequestError):
 
     code = "unauthorized"
     http_status = 401
+
+
+class Forbidden(RequestError):
+    """A request from a Host or Origin the service does not know (DNS rebinding, other sites);
+    `code` says which of the two."""
+
+    code = "forbidden"
+    http_status = 403
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NotFound(RequestError):

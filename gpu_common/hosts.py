@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gpu_common.schema import ErrorBody, ErrorResponse
+from gpu_common.errors import Forbidden
 
 __all__ = [
     "PRIVATE_SUFFIXES",
@@ -140,9 +140,9 @@ class HostPolicy:
         return host in self._names or host.endswith(self._suffixes)
 
 
-def _forbidden(code: str, message: str) -> web.Response:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message))
-    return web.json_response(body.model_dump(exclude_none=True), status=403)
+def _forbidden(code: str, message: str) -> Forbidden:
+    # Raised, not answered: the error middleware gives it the shape of the route's family.
+    return Forbidden(code, message)
 
 
 def _local_address(request: web.Request) -> str | None:
@@ -167,7 +167,7 @@ def host_check_middleware(policy: HostPolicy) -> Callable[..., Any]:
         if raw_host is not None:
             host = host_of_header(raw_host)
             if host is None or not policy.allows(host, local_address=local):
-                return _forbidden(
+                raise _forbidden(
                     "forbidden_host",
                     f"Host {raw_host[:200]!r} is not allowed; add the name to allowed_hosts "
                     f"if clients really use it",
@@ -176,7 +176,7 @@ def host_check_middleware(policy: HostPolicy) -> Callable[..., Any]:
         if origin is not None:
             origin_host = _host_of_origin(origin)
             if origin_host is None or not policy.allows(origin_host, local_address=local):
-                return _forbidden(
+                raise _forbidden(
                     "forbidden_origin",
                     f"Origin {origin[:200]!r} is not allowed; browser pages from other sites "
                     f"may not use this API",

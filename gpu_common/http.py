@@ -1,8 +1,9 @@
 """What both services' HTTP layers share: the error middleware, bearer auth, strict JSON parsing.
 
-Every failure a route raises becomes the one JSON error shape here (`error_middleware`), so a
-handler only raises. Parsing is stricter than `json.loads` where a lax parse would fail later,
-far from the request.
+Every failure a route raises becomes a JSON error here (`error_middleware`), so a handler only
+raises; the route's family decides the shape (`gpu_common.error_shapes`: Ollama's on `/api/*`,
+OpenAI's on the OpenAI routes, ours elsewhere). Parsing is stricter than `json.loads` where a
+lax parse would fail later, far from the request.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ValidationError
 
+from gpu_common.error_shapes import ERROR_CODE_HEADER, ErrorShape, error_body, error_shape
 from gpu_common.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
 from gpu_common.openapi import OPENAPI_PATH
 from gpu_common.schema import MAX_WORKFLOW_NODES as MAX_WORKFLOW_NODES
-from gpu_common.schema import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,23 @@ _MAY_HOLD_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]|\x00")
 
 
 def error_response(
-    status: int, code: str, message: str, details: dict[str, Any] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    *,
+    shape: ErrorShape = "service",
 ) -> web.Response:
-    """The one JSON error shape: `{"error": {"code", "message", "details"?}}`."""
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
-    return web.json_response(body.model_dump(exclude_none=True), status=status)
+    """An error answer in `shape` (ours by default: `{"error": {"code", "message", "details"?}}`),
+    its `code` also in the `X-GPU-Error` header."""
+    response = web.json_response(error_body(shape, status, code, message, details), status=status)
+    response.headers[ERROR_CODE_HEADER] = code
+    return response
 
 
 def error_middleware(service: str) -> Middleware:
-    """The one place where any failure becomes the JSON error shape.
+    """The one place where any failure becomes a JSON error, in the shape of the route's family
+    (`gpu_common.error_shapes.error_shape`).
 
     A `ServiceError` carries its `code`, HTTP status, `details()` and `headers()`; aiohttp's own
     HTTP errors keep their status; anything else is a 500 that points at `service`'s log.
@@ -56,14 +65,19 @@ def error_middleware(service: str) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        shape = error_shape(request.path)
         try:
             return await handler(request)
         except ServiceError as exc:
-            response = error_response(exc.http_status, exc.code, str(exc), exc.details())
+            response = error_response(
+                exc.http_status, exc.code, str(exc), exc.details(), shape=shape
+            )
             response.headers.update(exc.headers())
             return response
         except web.HTTPRequestEntityTooLarge as exc:
-            return error_response(413, PayloadTooLarge.code, f"body too large: {exc.text}")
+            return error_response(
+                413, PayloadTooLarge.code, f"body too large: {exc.text}", shape=shape
+            )
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -71,7 +85,7 @@ def error_middleware(service: str) -> Middleware:
             message = (
                 exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
             )
-            response = error_response(exc.status, code, message)
+            response = error_response(exc.status, code, message, shape=shape)
             if "Allow" in exc.headers:
                 # A 405 must say which methods the route does take (RFC 9110, 15.5.6).
                 response.headers["Allow"] = exc.headers["Allow"]
@@ -80,7 +94,9 @@ def error_middleware(service: str) -> Middleware:
             raise
         except Exception:
             log.exception("unexpected error serving %s %s", request.method, request.path)
-            return error_response(500, "internal", f"internal error; see the {service}'s log")
+            return error_response(
+                500, "internal", f"internal error; see the {service}'s log", shape=shape
+            )
 
     return middleware
 

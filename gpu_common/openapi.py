@@ -8,7 +8,10 @@ the table is an error when the application is built, so the document cannot fall
 
 The document is a contract a client (or a property-based tester) can hold the services to: every
 constraint a route checks is in its schemas (patterns, lengths, limits, strict types), and every
-status it can answer is listed, with the headers that come with it (`Retry-After`).
+status it can answer is listed, with the headers that come with it (`Retry-After`). A route's
+error bodies are in the shape of its family, read from its path by the same function the error
+middleware uses (`gpu_common.error_shapes.error_shape`): Ollama's on `/api/*`, OpenAI's on the
+OpenAI routes, ours elsewhere.
 
 `/openapi.json` needs no token: it describes the API, not any state of the machine. The Host and
 Origin checks still apply to it.
@@ -25,7 +28,8 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from gpu_common.schema import ErrorResponse, OllamaErrorResponse
+from gpu_common.error_shapes import ERROR_CODE_HEADER, ErrorShape, error_shape
+from gpu_common.schema import ErrorResponse, OllamaErrorResponse, OpenAIErrorResponse
 
 __all__ = [
     "OPENAPI_PATH",
@@ -60,7 +64,8 @@ _ERROR_TEXT = {
 _ALWAYS = (403, 405, 500)
 # Statuses Ollama itself answers on its API, which a route passing Ollama through hands on as
 # they are: its JSON errors, and gin's plain-text 404 and 405 for a path or method it lacks.
-_OLLAMA_STATUSES = (400, 404, 405, 500)
+# 503 is Ollama's "server busy" when its queue is full.
+_OLLAMA_STATUSES = (400, 404, 405, 500, 503)
 _OLLAMA_TEXT_STATUSES = (404, 405)
 _RETRY_AFTER = {
     "description": "Seconds after which to ask again (delay-seconds, RFC 9110 10.2.3)",
@@ -92,9 +97,9 @@ class RouteDoc:
     `content_types` when it can be several. `public`: no token needed. `errors`: the statuses it
     answers with an `ErrorResponse`, beyond 403, 405 and 500 (and 400 and 413 with a body, 401
     with a token). `params`: schemas of its path parameters and the headers it reads.
-    `retry_after`: the statuses whose answers may carry `Retry-After`. `ollama`: Ollama's API;
-    its errors may also come in Ollama's shape, `{"error": "..."}`. `passthrough`: it hands on
-    whatever Ollama answers, Ollama's own statuses and gin's plain-text 404 and 405 included.
+    `retry_after`: the statuses whose answers may carry `Retry-After`. `passthrough`: it hands
+    on whatever Ollama answers, Ollama's own statuses and gin's plain-text 404 and 405 included.
+    The shape of its error bodies follows from its path (`gpu_common.error_shapes`).
     """
 
     summary: str
@@ -109,7 +114,6 @@ class RouteDoc:
     tags: tuple[str, ...] = field(default_factory=tuple)
     params: tuple[Param, ...] = ()
     retry_after: tuple[int, ...] = ()
-    ollama: bool = False
     passthrough: bool = False
 
 
@@ -134,13 +138,23 @@ def _route_keys(app: web.Application) -> list[tuple[str, str, str]]:
     return keys
 
 
+_ERROR_MODELS: Mapping[ErrorShape, type[BaseModel]] = {
+    "service": ErrorResponse,
+    "ollama": OllamaErrorResponse,
+    "openai": OpenAIErrorResponse,
+}
+_ERROR_CODE = {
+    "description": "The service's own error code (absent on an answer passed through from Ollama)",
+    "required": False,
+    "schema": {"type": "string"},
+}
+
+
 def _schemas(docs: Mapping[tuple[str, str], RouteDoc]) -> tuple[dict[Any, str], dict[str, Any]]:
     """Refs per (model, mode) and the component schemas, every model listed once."""
-    wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {
-        (ErrorResponse, "validation"): None
-    }
-    if any(doc.ollama or doc.passthrough for doc in docs.values()):
-        wanted[(OllamaErrorResponse, "validation")] = None
+    wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
+    for _, path in docs:
+        wanted[(_ERROR_MODELS[error_shape(path)], "validation")] = None
     for doc in docs.values():
         if doc.request is not None:
             wanted[(doc.request, "validation")] = None
@@ -219,15 +233,13 @@ def _operation(
         errors.add(401)
     if doc.passthrough:
         errors |= set(_OLLAMA_STATUSES)
-    error_schema: dict[str, Any] = {"$ref": refs[(ErrorResponse, "validation")]}
-    if doc.ollama or doc.passthrough:
-        ollama_ref = {"$ref": refs[(OllamaErrorResponse, "validation")]}
-        error_schema = {"anyOf": [error_schema, ollama_ref]}
+    error_schema = {"$ref": refs[(_ERROR_MODELS[error_shape(path)], "validation")]}
     for status in sorted(errors):
         plain_text = doc.passthrough and status in _OLLAMA_TEXT_STATUSES
         answer = _error_response(status, error_schema, plain_text)
+        answer["headers"] = {ERROR_CODE_HEADER: dict(_ERROR_CODE)}
         if status in doc.retry_after:
-            answer["headers"] = {"Retry-After": dict(_RETRY_AFTER)}
+            answer["headers"]["Retry-After"] = dict(_RETRY_AFTER)
         responses[str(status)] = answer
     operation["responses"] = responses
     if doc.public:

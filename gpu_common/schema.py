@@ -97,6 +97,23 @@ class OllamaErrorResponse(WireModel):
     error: str
 
 
+class OpenAIErrorBody(WireModel):
+    """An error as OpenAI's API (and Ollama's compatibility layer) words it: `type` is
+    `invalid_request_error` (400), `not_found_error` (404) or `api_error`; `code` is ours
+    when the service answered itself, null when Ollama did."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(WireModel):
+    """An error in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: OpenAIErrorBody
+
+
 class AgentHealth(WireModel):
     """`GET /healthz`: the agent is up; how its telemetry is."""
 
@@ -167,13 +184,15 @@ class TelemetryInfo(WireModel):
 
 
 class AvailableModelInfo(WireModel):
-    """A model Ollama has on disk."""
+    """A model Ollama has on disk, and what it can do (`completion`, `embedding`, ...; null
+    from an Ollama too old to list capabilities)."""
 
     name: str
     size_bytes: int
     family: str | None
     parameter_size: str | None
     quantization_level: str | None
+    capabilities: list[str] | None = None
 
 
 class ResidentModelInfo(WireModel):

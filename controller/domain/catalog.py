@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from controller.domain.footprints import Speed, llm_key
 from controller.domain.types import ModelProfile
@@ -19,6 +19,17 @@ FAMILY_QUALITY_BONUS: Mapping[str, float] = {"qwen2": 3.0, "qwen3": 5.0, "gemma3
 RUNTIME_OVERHEAD = 1.15
 DEFAULT_NUM_CTX = 4096
 GPU_BANDWIDTH_BYTES_PER_S = 504e9
+# Families of embedding-only architectures, for an Ollama too old to list capabilities (before
+# 0.12): BERT and its variants, which Ollama loads with pooling and no completion.
+EMBEDDING_FAMILIES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2"})
+
+
+def is_embedding_model(capabilities: Sequence[str] | None, family: str | None) -> bool:
+    """Whether a model serves only embeddings: it lists "embedding" and not "completion", or,
+    when its Ollama lists no capabilities, its family is an embedding architecture."""
+    if capabilities is not None:
+        return "embedding" in capabilities and "completion" not in capabilities
+    return family in EMBEDDING_FAMILIES
 
 
 def parameter_billions(parameter_size: str | None, name: str) -> float:
@@ -49,6 +60,7 @@ def profile(
     speed: Speed,
     footprints: Mapping[str, int],
     num_ctx: int = DEFAULT_NUM_CTX,
+    capabilities: Sequence[str] | None = None,
 ) -> ModelProfile:
     """The controller's belief about `name`, from what was measured and sensible defaults."""
     learned = footprints.get(llm_key(name, num_ctx))
@@ -71,4 +83,5 @@ def profile(
         prompt_tokens_per_s=speed.prompt_tokens_per_s or default_prompt,
         load_s=speed.load_s or default_load,
         measured=speed.samples > 0 or learned is not None,
+        embedding=is_embedding_model(capabilities, family),
     )

@@ -25,6 +25,11 @@ now; the reason then says which.
 Constraints (`min_quality`, `max_latency_s`) filter first. No auto plan ever spills to the CPU,
 resident models win by costing no load, and a plan that needs room names exactly what it will
 unload.
+
+Embedding models serve only embeddings: the intents choose among the other models (and the
+quality tier is theirs), a generate or chat request that names an embedding model is refused,
+and an embedding request names its model, since no intent says which vector space the caller's
+index was built in. An embedding request may name any model, as Ollama embeds with any.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from controller.domain.room import NoRoom, RoomPlan, clear_idle, make_room
 from controller.domain.types import AgentState, LlmRequest, ModelProfile, PolicyConfig, gb
+from gpu_common.model_names import normalize_model_name
 
 AUTO_INTENTS = ("auto", "auto:fast", "auto:quality")
 # Retry hints (seconds) for a NoChoice: when nothing can serve within limits, and the longest a
@@ -60,10 +67,14 @@ class Choice:
 
 @dataclass(frozen=True, slots=True)
 class NoChoice:
-    """Nothing can serve the request within its limits now."""
+    """Nothing can serve the request within its limits now (`kind` "wait": worth planning
+    again), or ever as asked: "unknown" for a model no agent offers, "unsupported" for a
+    request its model cannot serve (generate on an embedding model, embeddings for an intent).
+    """
 
     reason: str
     retry_after_s: float
+    kind: Literal["wait", "unknown", "unsupported"] = "wait"
 
 
 Selection = Choice | NoChoice
@@ -98,7 +109,9 @@ def _option(
     config: PolicyConfig,
     explicit: bool,
 ) -> _Option | str:
-    output_tokens = request.output_tokens or config.default_output_tokens
+    output_tokens = (
+        0 if request.task == "embed" else request.output_tokens or config.default_output_tokens
+    )
     own = _request_seconds(profile, request.prompt_tokens, output_tokens)
     typical = _request_seconds(profile, request.prompt_tokens, config.default_output_tokens)
     resident = agent.resident_model(profile.name)
@@ -364,6 +377,16 @@ def _select_quality(
     return _choice(best, f"{best.model} below the quality tier ({tier:.1f}): " + "; ".join(allowed))
 
 
+def _no_embedding_intent(intent: str, catalog: Mapping[str, ModelProfile]) -> str:
+    """Why an embedding request cannot name an intent, and what it may name instead."""
+    offered = sorted(p.name for p in catalog.values() if p.embedding)
+    names = f"one of {', '.join(offered)}" if offered else "no agent offers one now"
+    return (
+        f"{intent} chooses among chat models; an embedding request must name its embedding "
+        f"model, since vectors from different models cannot be compared ({names})"
+    )
+
+
 def select(
     request: LlmRequest,
     agents: Sequence[AgentState],
@@ -373,16 +396,31 @@ def select(
 ) -> Selection:
     """Pick agent and model for `request`, or say why nothing can serve it now.
 
-    A `NoChoice` with `retry_after_s` 0 will never change (an unknown model); any other is worth
-    planning again after that long or when the fleet changes.
+    A `NoChoice` with `retry_after_s` 0 will never change (an unknown model, a request its model
+    cannot serve; `kind` says which); any other is worth planning again after that long or when
+    the fleet changes.
     """
     intent = request.model
     explicit = intent not in AUTO_INTENTS
     if explicit:
         if intent not in catalog:
-            return NoChoice(f"unknown model {intent!r}", retry_after_s=0.0)
-        profiles = [catalog[intent]]
+            # A name without a tag means `:latest`, as Ollama reads it.
+            intent = normalize_model_name(intent)
+        if intent not in catalog:
+            return NoChoice(f"unknown model {intent!r}", retry_after_s=0.0, kind="unknown")
+        named = catalog[intent]
+        if named.embedding and request.task != "embed":
+            # Ollama's own words for it.
+            return NoChoice(
+                f'"{intent}" does not support {request.task}', retry_after_s=0.0, kind="unsupported"
+            )
+        profiles = [named]
+    elif request.task == "embed":
+        return NoChoice(
+            _no_embedding_intent(intent, catalog), retry_after_s=0.0, kind="unsupported"
+        )
     else:
+        catalog = {name: p for name, p in catalog.items() if not p.embedding}
         profiles = sorted(catalog.values(), key=lambda p: p.name)
     healthy = sorted((a for a in agents if a.healthy), key=lambda a: a.name)
     if not healthy:

@@ -6,8 +6,12 @@ Bytes are ints, durations and instants are float seconds on the caller's monoton
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 GB = 1_000_000_000
+
+Task = Literal["generate", "chat", "embed"]
+"""What an LLM request asks of its model: a completion, a chat turn, or embeddings."""
 
 
 def gb(nbytes: float) -> str:
@@ -17,7 +21,8 @@ def gb(nbytes: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ModelProfile:
-    """What the controller believes about one LLM: measured where it has measured, else defaults."""
+    """What the controller believes about one LLM: measured where it has measured, else defaults.
+    An `embedding` model serves only embeddings; the auto intents never pick it."""
 
     name: str
     quality: float
@@ -27,6 +32,7 @@ class ModelProfile:
     prompt_tokens_per_s: float
     load_s: float
     measured: bool = False
+    embedding: bool = False
 
     @property
     def fits_on_gpu(self) -> bool:
@@ -143,7 +149,8 @@ class LlmRequest:
 
     `min_quality` (0-100) and `max_latency_s` are the caller's limits on the choice. For
     "auto:quality" they also say what the caller accepts instead of waiting for the top model
-    (see `controller.domain.selection`); without them it waits.
+    (see `controller.domain.selection`); without them it waits. `task` "embed" asks for
+    embeddings, which produce no output tokens and name their model.
     """
 
     model: str
@@ -151,6 +158,7 @@ class LlmRequest:
     output_tokens: int | None = None
     min_quality: float | None = None
     max_latency_s: float | None = None
+    task: Task = "generate"
 
 
 @dataclass(frozen=True, slots=True)

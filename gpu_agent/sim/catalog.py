@@ -1,7 +1,9 @@
 """What the simulated desktop has installed: Ollama models and ComfyUI checkpoints.
 
 Every figure is taken from `shared/hardware-figures.md` (RTX 4070 SUPER, Q4_K_M models, fp16
-checkpoints); the arithmetic that turns them into these fields is in the comments.
+checkpoints) or, for the embedding models, from their Ollama library pages and the observations
+cited beside them; the arithmetic that turns them into these fields is in the comments, and what
+is an estimate says so.
 """
 
 from __future__ import annotations
@@ -42,8 +44,15 @@ class OllamaModelSpec:
     prompt_tokens_per_s: float
     architecture: str
     capabilities: tuple[str, ...] = ("completion", "tools")
+    # Length of one embedding vector: the model's hidden size (Ollama embeds with any model).
+    embedding_length: int = 4096
     modified_at: str = "2026-09-14T10:21:07.418273915+02:00"
     template: str = "{{ .System }}\n{{ .Prompt }}"
+
+    @property
+    def embedding(self) -> bool:
+        """An embedding model: it serves /api/embed, and generate and chat refuse it."""
+        return "embedding" in self.capabilities
 
     @property
     def digest(self) -> str:
@@ -89,6 +98,7 @@ OLLAMA_MODELS: tuple[OllamaModelSpec, ...] = (
         decode_tokens_per_s=165.0,
         prompt_tokens_per_s=9000.0,
         architecture="llama",
+        embedding_length=3072,
     ),
     # 5.25 GiB at ctx 4096 = 4.36 GiB weights + 224 MiB KV + graph.
     OllamaModelSpec(
@@ -106,6 +116,7 @@ OLLAMA_MODELS: tuple[OllamaModelSpec, ...] = (
         decode_tokens_per_s=80.0,
         prompt_tokens_per_s=4000.0,
         architecture="qwen2",
+        embedding_length=3584,
     ),
     # 10.0 GiB at ctx 4096 = 8.37 GiB weights + 768 MiB KV + graph.
     OllamaModelSpec(
@@ -123,6 +134,7 @@ OLLAMA_MODELS: tuple[OllamaModelSpec, ...] = (
         decode_tokens_per_s=45.0,
         prompt_tokens_per_s=2000.0,
         architecture="qwen2",
+        embedding_length=5120,
     ),
     # mistral-small (24b): 14.5 GiB at ctx 4096 = 13.1 GiB weights + 640 MiB KV + graph. It does
     # not fit in 12 GB, so it always runs partly on the CPU (about 9 tokens/s).
@@ -142,6 +154,55 @@ OLLAMA_MODELS: tuple[OllamaModelSpec, ...] = (
         decode_tokens_per_s=33.0,
         prompt_tokens_per_s=1100.0,
         architecture="llama",
+        embedding_length=5120,
+    ),
+    # nomic-embed-text: 274 MB on https://ollama.com/library/nomic-embed-text:latest (nomic-bert,
+    # 137M parameters, F16; 768 dimensions). An encoder keeps no KV cache. Ollama reported
+    # memory.required.full = 352.9 MiB for it (github.com/intel/ipex-llm/issues/12912), so the
+    # compute graph is the rest over the weights, ~92 MiB; `ollama ps` shows it at ctx 2048 even
+    # though its Modelfile asks for 8192 (github.com/Crosstalk-Solutions/project-nomad/issues/
+    # 1268): Ollama caps num_ctx at the 2048 tokens it was trained for. Load and prompt speeds
+    # are estimates for a model this small (no published figure): a load is mostly the runner's
+    # start-up, and prefill runs far above the 3b's 9,000 tokens/s.
+    OllamaModelSpec(
+        name="nomic-embed-text:latest",
+        family="nomic-bert",
+        parameter_size="137M",
+        quantization_level="F16",
+        file_size_bytes=274_000_000,
+        weights_bytes=274_000_000,
+        kv_bytes_per_token=0,
+        graph_bytes=int(352.9 * MIB) - 274_000_000,
+        context_length=2048,
+        load_cold_s=1.0,
+        load_warm_s=0.6,
+        # An embedding model decodes nothing; the figure only keeps the arithmetic defined.
+        decode_tokens_per_s=1000.0,
+        prompt_tokens_per_s=30000.0,
+        architecture="nomic-bert",
+        capabilities=("embedding",),
+        embedding_length=768,
+    ),
+    # bge-m3: 1.2 GB on https://ollama.com/library/bge-m3:latest (bert, 567M parameters, F16,
+    # 8192-token context; 1024 dimensions). No published memory figure: the graph is nomic's
+    # scaled by the hidden width (1024 / 768), an estimate; speeds are estimates too.
+    OllamaModelSpec(
+        name="bge-m3:latest",
+        family="bert",
+        parameter_size="567M",
+        quantization_level="F16",
+        file_size_bytes=1_200_000_000,
+        weights_bytes=1_200_000_000,
+        kv_bytes_per_token=0,
+        graph_bytes=(int(352.9 * MIB) - 274_000_000) * 1024 // 768,
+        context_length=8192,
+        load_cold_s=1.6,
+        load_warm_s=0.9,
+        decode_tokens_per_s=1000.0,
+        prompt_tokens_per_s=10000.0,
+        architecture="bert",
+        capabilities=("embedding",),
+        embedding_length=1024,
     ),
 )
 

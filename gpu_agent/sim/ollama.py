@@ -6,9 +6,14 @@ lines with integer-nanosecond durations, load/unload requests and error bodies. 
 memory on the shared `SimGpu` and work for simulated time on the shared `SimClock`, so the agent
 sees loads, partial offload, evictions and keep-alive expiry exactly as on the desktop.
 
+It embeds too (`/api/embed`, the older `/api/embeddings`), with any model as Ollama does, and
+refuses generate and chat on an embedding model. Its OpenAI-compatible routes under `/v1`
+convert each request to the native one and write the native answer in OpenAI's shape, as
+Ollama's own middleware does (`gpu_agent.sim.ollama_openai`); their errors are OpenAI's shape.
+
 Request parsing and response pieces live in `gpu_agent.sim.ollama_wire`, runners and the scheduler
-in `gpu_agent.sim.ollama_scheduler`, generated words in `gpu_agent.sim.text`; this module ties them
-to HTTP and to simulated time.
+in `gpu_agent.sim.ollama_scheduler`, generated words in `gpu_agent.sim.text`, vectors in
+`gpu_agent.sim.vectors`; this module ties them to HTTP and to simulated time.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gpu_agent.sim import text
+from gpu_agent.sim import ollama_openai, text, vectors
 from gpu_agent.sim.catalog import Catalog, OllamaModelSpec
 from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.faults import ServerFaults, fault_middleware
 from gpu_agent.sim.gpu import SimGpu
+from gpu_agent.sim.ollama_openai import ChatCompletionWire, CompletionWire
 from gpu_agent.sim.ollama_scheduler import (
     RUNNER_PID_OFFSET,
     ApiError,
@@ -43,16 +49,19 @@ from gpu_agent.sim.ollama_scheduler import (
 )
 from gpu_agent.sim.ollama_wire import (
     CHAT_FIELDS,
+    EMBED_FIELDS,
+    EMBEDDINGS_FIELDS,
     GENERATE_FIELDS,
     MESSAGE_FIELDS,
+    NATIVE,
     SHOW_FIELDS,
+    AnswerWire,
     RequestOptions,
     check_fields,
     error_response,
     go_time,
     json_kind,
     model_details,
-    ndjson_line,
     parse_go_duration,
     parse_keep_alive,
     parse_options,
@@ -73,7 +82,6 @@ __all__ = [
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-NDJSON = "application/x-ndjson"
 # Go's time.Duration(math.MaxInt64): what a negative keep_alive is stored as (~292 years).
 FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 # Tokens the chat template adds around a generate prompt and around each chat message.
@@ -81,6 +89,8 @@ GENERATE_TEMPLATE_TOKENS = 12
 CHAT_MESSAGE_TOKENS = 4
 CHAT_REPLY_TOKENS = 3
 MIDSTREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
+# Tokens an embedding input gets besides its text: the BOS and EOS the tokenizer adds.
+EMBED_SPECIAL_TOKENS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +154,9 @@ class OllamaEmulator:
         self._page_cache: set[str] = set()
         self._pids = itertools.count(serve_pid + RUNNER_PID_OFFSET + 1)
         self._rng = random.Random(seed)
+        # Answer ids of the OpenAI routes come from their own generator, so serving those
+        # routes leaves the scheduler's draws, and so every other answer, as they were.
+        self._ids = random.Random(seed)
         self._keep_alive_default_s = (
             math.inf if settings.keep_alive_s < 0 else settings.keep_alive_s
         )
@@ -194,6 +207,13 @@ class OllamaEmulator:
         r.add_post("/api/show", self._show)
         r.add_post("/api/generate", self._generate)
         r.add_post("/api/chat", self._chat)
+        r.add_post("/api/embed", self._embed)
+        r.add_post("/api/embeddings", self._embeddings)
+        r.add_post("/v1/chat/completions", self._openai_chat)
+        r.add_post("/v1/completions", self._openai_completion)
+        r.add_post("/v1/embeddings", self._openai_embeddings)
+        r.add_get("/v1/models", self._openai_models, allow_head=False)
+        r.add_get("/v1/models/{model:.+}", self._openai_model, allow_head=False)
         return app
 
     async def reset(self) -> None:
@@ -251,6 +271,8 @@ class OllamaEmulator:
                 "size": spec.file_size_bytes,
                 "digest": spec.digest,
                 "details": model_details(spec),
+                # Listed since Ollama 0.12 (the model list cache reads them from the GGUF).
+                "capabilities": list(spec.capabilities),
             }
             for spec in self.catalog.ollama_models
         ]
@@ -295,9 +317,14 @@ class OllamaEmulator:
     # -- generate and chat -------------------------------------------------------------------
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await read_object(request, "GenerateRequest")
+        return await self._run_generate(request, body, NATIVE)
+
+    async def _run_generate(
+        self, request: web.Request, body: dict[str, Any], wire: AnswerWire
+    ) -> web.StreamResponse:
         started_at = self.clock.now()
         self.stats.requests += 1
-        body = await read_object(request, "GenerateRequest")
         check_fields(body, GENERATE_FIELDS, "GenerateRequest")
         keep_alive_s = self._keep_alive(body)
         self._check_top_logprobs(body)
@@ -307,21 +334,29 @@ class OllamaEmulator:
         if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
             raise ApiError(400, "raw mode does not support template, system, or context")
         spec = self._lookup(model)
-        self._check_think(body, model, spec)
         shape = _Shape(chat=False, model=model)
         prompt = body.get("prompt") or ""
+        if not prompt and keep_alive_s == 0:
+            return self._unload(shape, spec, wire, body)
+        self._check_think(body, model, spec)
+        self._check_capable(spec, model, "generate")
         if not prompt:
-            return await self._load_or_unload(shape, spec, body, keep_alive_s)
+            return await self._load(shape, spec, body, keep_alive_s, wire)
         options = parse_options(body.get("options"), spec, self.settings.default_num_ctx)
         plan = self._plan_generate(spec, body, options)
         return await self._serve(
-            request, shape, spec, body, options, keep_alive_s, plan, started_at
+            request, shape, spec, body, options, keep_alive_s, plan, started_at, wire
         )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_object(request, "ChatRequest")
+        return await self._run_chat(request, body, NATIVE)
+
+    async def _run_chat(
+        self, request: web.Request, body: dict[str, Any], wire: AnswerWire
+    ) -> web.StreamResponse:
         started_at = self.clock.now()
         self.stats.requests += 1
-        body = await read_object(request, "ChatRequest")
         check_fields(body, CHAT_FIELDS, "ChatRequest")
         messages = body.get("messages") or []
         for message in messages:
@@ -338,14 +373,17 @@ class OllamaEmulator:
         if not model:
             raise ApiError(400, "model is required")
         spec = self._lookup(model)
-        self._check_think(body, model, spec)
         shape = _Shape(chat=True, model=model)
+        if not messages and keep_alive_s == 0:
+            return self._unload(shape, spec, wire, body)
+        self._check_think(body, model, spec)
+        self._check_capable(spec, model, "chat")
         if not messages:
-            return await self._load_or_unload(shape, spec, body, keep_alive_s)
+            return await self._load(shape, spec, body, keep_alive_s, wire)
         options = parse_options(body.get("options"), spec, self.settings.default_num_ctx)
         plan = self._plan_chat(spec, body, messages, options)
         return await self._serve(
-            request, shape, spec, body, options, keep_alive_s, plan, started_at
+            request, shape, spec, body, options, keep_alive_s, plan, started_at, wire
         )
 
     def _keep_alive(self, body: dict[str, Any]) -> float | None:
@@ -365,32 +403,50 @@ class OllamaEmulator:
         return spec
 
     @staticmethod
+    def _check_capable(spec: OllamaModelSpec, model: str, what: str) -> None:
+        """An embedding model neither generates nor chats: 400 in Ollama's words."""
+        if spec.embedding:
+            raise ApiError(400, f'"{model}" does not support {what}')
+
+    @staticmethod
     def _check_think(body: dict[str, Any], model: str, spec: OllamaModelSpec) -> None:
         think = body.get("think")
         if think not in (None, False) and "thinking" not in spec.capabilities:
             raise ApiError(400, f'"{model}" does not support thinking')
 
-    async def _load_or_unload(
+    def _unload(
+        self, shape: _Shape, spec: OllamaModelSpec, wire: AnswerWire, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        """An empty prompt/messages with keep_alive 0: unload, answered at once (any model)."""
+        self._scheduler.expire(spec.name)
+        return self._single(shape, "unload", wire, body)
+
+    async def _load(
         self,
         shape: _Shape,
         spec: OllamaModelSpec,
         body: dict[str, Any],
         keep_alive_s: float | None,
+        wire: AnswerWire,
     ) -> web.StreamResponse:
-        """An empty prompt/messages: unload with keep_alive 0 (answered at once), else load."""
-        if keep_alive_s == 0:
-            self._scheduler.expire(spec.name)
-            return self._single(shape, "unload")
+        """An empty prompt/messages: load the model, answered once it is resident."""
         options = parse_options(body.get("options"), spec, self.settings.default_num_ctx)
         async with self._lease(spec, options, keep_alive_s, need_slot=False):
             pass
-        return self._single(shape, "load")
+        return self._single(shape, "load", wire, body)
 
-    def _single(self, shape: _Shape, done_reason: str) -> web.StreamResponse:
+    def _single(
+        self, shape: _Shape, done_reason: str, wire: AnswerWire, body: dict[str, Any]
+    ) -> web.StreamResponse:
         obj = shape.chunk(self._created_at(), "")
         obj["done"] = True
         obj["done_reason"] = done_reason
-        return web.json_response(obj)
+        if wire is NATIVE:
+            # Ollama answers a load or an unload with one JSON object, streamed or not.
+            return web.json_response(obj)
+        if body.get("stream"):
+            return web.Response(body=wire.final(obj), content_type=wire.stream_content_type)
+        return web.json_response(wire.whole(obj))
 
     def _lease(
         self,
@@ -482,6 +538,7 @@ class OllamaEmulator:
         keep_alive_s: float | None,
         plan: _Plan,
         started_at: float,
+        wire: AnswerWire,
     ) -> web.StreamResponse:
         stream = body.get("stream") is not False
         async with self._lease(spec, options, keep_alive_s, need_slot=True) as lease:
@@ -489,8 +546,8 @@ class OllamaEmulator:
                 self.stats.spilled_generations += 1
             prefill_s = await self._prefill(lease, plan.prompt_tokens)
             if stream:
-                return await self._stream(request, shape, lease, plan, prefill_s, started_at)
-            return await self._aggregate(shape, lease, plan, prefill_s, started_at)
+                return await self._stream(request, shape, lease, plan, prefill_s, started_at, wire)
+            return await self._aggregate(shape, lease, plan, prefill_s, started_at, wire)
 
     async def _prefill(self, lease: Lease, tokens: int) -> float:
         """Process the prompt; returns its simulated duration.
@@ -571,15 +628,18 @@ class OllamaEmulator:
         plan: _Plan,
         prefill_s: float,
         started_at: float,
+        wire: AnswerWire,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
+        response = web.StreamResponse(
+            status=200, headers={"Content-Type": wire.stream_content_type}
+        )
         await response.prepare(request)
         fail_after = self._fail_after()
         pieces = plan.pieces if fail_after is None else plan.pieces[:fail_after]
         buffer: list[bytes] = []
 
         def emit(piece: str) -> None:
-            buffer.append(ndjson_line(shape.chunk(self._created_at(), piece)))
+            buffer.append(wire.chunk(shape.chunk(self._created_at(), piece)))
 
         async def flush() -> None:
             if buffer:
@@ -591,19 +651,25 @@ class OllamaEmulator:
             decode_s = await self._decode(lease, pieces, emit, flush)
             if fail_after is not None:
                 # A runner failure after output began: status stays 200, the last line says why.
-                await response.write(ndjson_line({"error": MIDSTREAM_ERROR}))
+                await response.write(wire.stream_error(MIDSTREAM_ERROR))
             else:
                 final = self._final(
                     shape, lease, plan, prefill_s, decode_s, started_at, "", len(pieces)
                 )
-                await response.write(ndjson_line(final))
+                await response.write(wire.final(final))
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client went away; Ollama stops generating for it
         return response
 
     async def _aggregate(
-        self, shape: _Shape, lease: Lease, plan: _Plan, prefill_s: float, started_at: float
+        self,
+        shape: _Shape,
+        lease: Lease,
+        plan: _Plan,
+        prefill_s: float,
+        started_at: float,
+        wire: AnswerWire,
     ) -> web.StreamResponse:
         fail_after = self._fail_after()
         pieces = plan.pieces if fail_after is None else plan.pieces[:fail_after]
@@ -618,18 +684,146 @@ class OllamaEmulator:
         final = self._final(
             shape, lease, plan, prefill_s, decode_s, started_at, "".join(collected), len(pieces)
         )
-        return web.json_response(final)
+        return web.json_response(wire.whole(final))
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    async def _embed(self, request: web.Request) -> web.StreamResponse:
+        body = await read_object(request, "EmbedRequest")
+        return web.json_response(await self._embed_native(body))
+
+    async def _embed_native(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`/api/embed` (EmbedHandler): every input's vector, L2-normalised, cut to
+        `dimensions` when asked; no input only loads the model."""
+        started_at = self.clock.now()
+        self.stats.embed_requests += 1
+        check_fields(body, EMBED_FIELDS, "EmbedRequest")
+        keep_alive_s = self._keep_alive(body)
+        model = body.get("model") or ""
+        if not model:
+            raise ApiError(404, "model '' not found")
+        inputs = _embed_inputs(body.get("input"))
+        spec = self._lookup(model)
+        options = parse_options(body.get("options"), spec, self.settings.default_num_ctx)
+        async with self._lease(spec, options, keep_alive_s, need_slot=True) as lease:
+            if not inputs:
+                return {"model": model, "embeddings": []}
+            counts = []
+            for content in inputs:
+                tokens = text.count_tokens(content) + EMBED_SPECIAL_TOKENS
+                if body.get("truncate") is False and tokens > options.num_ctx:
+                    raise ApiError(400, "the input length exceeds the context length")
+                counts.append(min(tokens, options.num_ctx))
+            await self._prefill(lease, sum(counts))
+            dimensions = body.get("dimensions") or 0
+            embeddings = [
+                vectors.truncate(vectors.normalize(self._raw_vector(spec, content)), dimensions)
+                for content in inputs
+            ]
+            answer: dict[str, Any] = {
+                "model": model,
+                "embeddings": embeddings,
+                "total_duration": to_ns(self.clock.now() - started_at),
+                "load_duration": to_ns(lease.load_s),
+                "prompt_eval_count": sum(counts),
+            }
+        # Durations and counters are `omitempty` in Ollama's EmbedResponse.
+        return {key: value for key, value in answer.items() if value or key == "embeddings"}
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        """The older `/api/embeddings` (EmbeddingsHandler): one prompt, its vector not
+        normalised; an empty prompt only loads the model."""
+        self.stats.embed_requests += 1
+        body = await read_object(request, "EmbeddingRequest")
+        check_fields(body, EMBEDDINGS_FIELDS, "EmbeddingRequest")
+        keep_alive_s = self._keep_alive(body)
+        model = body.get("model") or ""
+        if not model:
+            raise ApiError(400, "model is required")
+        spec = self._lookup(model)
+        options = parse_options(body.get("options"), spec, self.settings.default_num_ctx)
+        prompt = body.get("prompt") or ""
+        async with self._lease(spec, options, keep_alive_s, need_slot=True) as lease:
+            if not prompt:
+                return web.json_response({"embedding": []})
+            tokens = text.count_tokens(prompt) + EMBED_SPECIAL_TOKENS
+            await self._prefill(lease, min(tokens, options.num_ctx))
+            return web.json_response({"embedding": self._raw_vector(spec, prompt)})
+
+    def _raw_vector(self, spec: OllamaModelSpec, content: str) -> list[float]:
+        return vectors.raw_embedding(self.seed, spec.name, content, spec.embedding_length)
+
+    # -- the OpenAI-compatible routes ----------------------------------------------------------
+
+    def _answer_id(self, prefix: str) -> str:
+        return f"{prefix}-{self._ids.randrange(999)}"
+
+    def _unix_now(self) -> int:
+        return int(self.clock.wall().timestamp())
+
+    async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_object(request, "ChatCompletionRequest")
+        native = ollama_openai.chat_request(body)
+        wire = ChatCompletionWire(
+            self._answer_id("chatcmpl"),
+            self._unix_now(),
+            include_usage=ollama_openai.include_usage(body),
+        )
+        return await self._run_chat(request, native, wire)
+
+    async def _openai_completion(self, request: web.Request) -> web.StreamResponse:
+        body = await read_object(request, "CompletionRequest")
+        native = ollama_openai.completion_request(body)
+        wire = CompletionWire(
+            self._answer_id("cmpl"),
+            self._unix_now(),
+            include_usage=ollama_openai.include_usage(body),
+        )
+        return await self._run_generate(request, native, wire)
+
+    async def _openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await read_object(request, "EmbedRequest")
+        native, encoding = ollama_openai.embedding_request(body)
+        answer = await self._embed_native(native)
+        return web.json_response(ollama_openai.embedding_list(native["model"], answer, encoding))
+
+    async def _openai_models(self, request: web.Request) -> web.StreamResponse:
+        models = [(spec.name, spec.modified_at) for spec in self.catalog.ollama_models]
+        return web.json_response(ollama_openai.model_list(models))
+
+    async def _openai_model(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["model"]
+        spec = self.catalog.ollama_model(name)
+        if spec is None:
+            raise ApiError(404, f"model '{name}' not found")
+        return web.json_response(ollama_openai.model_object(name, spec.modified_at))
 
 
 # -- helpers outside the class -----------------------------------------------------------------
 
 
+def _embed_inputs(value: object) -> list[str]:
+    """The texts of an `/api/embed` request's `input`: a string (empty: none) or a list of
+    strings; anything else is 400 `invalid input type`."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ApiError(400, "invalid input type")
+
+
 @web.middleware
 async def _gin_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Ollama's error bodies: gin's plain 404/405 for routing, `{"error": ...}` for the API."""
+    """Ollama's error bodies: gin's plain 404/405 for routing, `{"error": ...}` for the API,
+    OpenAI's shape on the `/v1` routes."""
     try:
         return await handler(request)
     except ApiError as exc:
+        if request.path.startswith("/v1/"):
+            body = ollama_openai.error_body(exc.status, exc.message)
+            return web.json_response(body, status=exc.status)
         return error_response(exc.status, exc.message)
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")

@@ -66,6 +66,7 @@ class OllamaStats:
     """Counters over the emulator's life (not reset by a simulated restart)."""
 
     requests: int = 0  # generate/chat requests received
+    embed_requests: int = 0  # /api/embed and /api/embeddings requests received
     loads: int = 0  # runners that finished loading
     cold_loads: int = 0  # of those, loads whose weights were not in the page cache
     unloads: int = 0  # runners that began unloading (expiry, explicit unload, eviction, reload)
@@ -363,11 +364,16 @@ class OllamaScheduler:
         free = min(self._gpu.free_bytes(), self._gpu.total_bytes - own)
         return free - self._settings.gpu_overhead_bytes
 
+    def _parallel(self, spec: OllamaModelSpec) -> int:
+        """Slots of a runner for `spec`: OLLAMA_NUM_PARALLEL, but always 1 for an embedding
+        model, as Ollama loads them."""
+        return 1 if spec.embedding else self._settings.num_parallel
+
     def _victim(self, spec: OllamaModelSpec, num_ctx: int, num_gpu: int) -> _Runner | None:
         """The runner to unload before `spec` can load, or None if it can load now."""
         if not self._runners:
             return None
-        gpu_bytes = 0 if num_gpu == 0 else spec.required_bytes(num_ctx, self._settings.num_parallel)
+        gpu_bytes = 0 if num_gpu == 0 else spec.required_bytes(num_ctx, self._parallel(spec))
         full = len(self._runners) >= self._settings.max_loaded_models
         if not full and gpu_bytes <= EVICT_THRESHOLD * self._available_bytes():
             return None
@@ -379,7 +385,7 @@ class OllamaScheduler:
         self, spec: OllamaModelSpec, num_ctx: int, num_gpu: int, keep_alive_s: float
     ) -> _Runner:
         """Start a runner process and take its GPU share; the caller holds the load lock."""
-        size = spec.required_bytes(num_ctx, self._settings.num_parallel)
+        size = spec.required_bytes(num_ctx, self._parallel(spec))
         if num_gpu == 0:
             size_vram = 0
         elif self._runners:
@@ -412,7 +418,7 @@ class OllamaScheduler:
             size_bytes=size,
             size_vram_bytes=size_vram,
             session_s=keep_alive_s,
-            num_parallel=self._settings.num_parallel,
+            num_parallel=self._parallel(spec),
             now=self._clock.now(),
         )
         runner.in_flight = 1

@@ -197,6 +197,24 @@ MESSAGE_FIELDS: _Fields = MappingProxyType(
         "tool_call_id": (_is_str, "string"),
     }
 )
+EMBED_FIELDS: _Fields = MappingProxyType(
+    {
+        "model": (_is_str, "string"),
+        "input": (_is_anything, "interface {}"),
+        "keep_alive": (_is_anything, "api.Duration"),
+        "truncate": (_is_bool, "bool"),
+        "dimensions": (_is_int, "int"),
+        "options": (_is_object, "map[string]interface {}"),
+    }
+)
+EMBEDDINGS_FIELDS: _Fields = MappingProxyType(
+    {
+        "model": (_is_str, "string"),
+        "prompt": (_is_str, "string"),
+        "keep_alive": (_is_anything, "api.Duration"),
+        "options": (_is_object, "map[string]interface {}"),
+    }
+)
 SHOW_FIELDS: _Fields = MappingProxyType(
     {
         "model": (_is_str, "string"),
@@ -356,6 +374,34 @@ def model_details(spec: OllamaModelSpec) -> dict[str, Any]:
 def error_response(status: int, message: str) -> web.StreamResponse:
     """Ollama's error body: `{"error": "<message>"}` with `status`."""
     return web.json_response({"error": message}, status=status)
+
+
+class AnswerWire:
+    """How a generation's answer is written: here Ollama's own NDJSON lines and JSON body.
+    The OpenAI-compatible routes write theirs (`gpu_agent.sim.ollama_openai`) from the same
+    native chunks and final line."""
+
+    stream_content_type = "application/x-ndjson"
+
+    def chunk(self, obj: dict[str, Any]) -> bytes:
+        """One streamed piece (a native chunk object)."""
+        return ndjson_line(obj)
+
+    def final(self, obj: dict[str, Any]) -> bytes:
+        """The end of a stream, from the native final line (with its counters)."""
+        return ndjson_line(obj)
+
+    def stream_error(self, message: str) -> bytes:
+        """The last line of a stream that broke off after output began (status stays 200)."""
+        return ndjson_line({"error": message})
+
+    def whole(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The body of a non-streamed answer, from the native final object."""
+        return obj
+
+
+NATIVE = AnswerWire()
+"""Ollama's own wire; it holds no state, so every request shares it."""
 
 
 def _parameter_count(spec: OllamaModelSpec) -> int:

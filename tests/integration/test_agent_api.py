@@ -28,6 +28,7 @@ from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.gpu import GIB, MIB
 from gpu_agent.sim.workflows import SD15, text_to_image
 from gpu_common.schema import AgentEvent, AgentStatus, LoadResult, UnloadResult
+from tests.integration.error_bodies import error_of
 from tests.waiting import wait_until
 
 TOKEN = "test-token-0123456789abcdef"
@@ -115,10 +116,10 @@ async def wait_prompt(
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The response is the agent's JSON error body with this status and code; the body."""
+    """The response is the agent's own JSON error, in its route's shape, with this status and
+    code; its code and message."""
     assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error: dict[str, Any] = response.json()["error"]
+    error = error_of(response)
     assert error["code"] == code
     assert error["message"]
     return error

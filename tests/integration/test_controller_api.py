@@ -22,6 +22,7 @@ import pytest
 from gpu_agent.daemon import running_agent
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import blank_image
+from tests.integration.error_bodies import error_of
 from tests.integration.stack import (
     AUTH,
     CONTROLLER_TOKEN,
@@ -62,15 +63,6 @@ async def impatient(desktop: SimDesktop, tmp_path: Path) -> AsyncIterator[Stack]
 
 def client(stack: Stack) -> ollama.AsyncClient:
     return ollama.AsyncClient(host=stack.url, headers=AUTH, timeout=HTTP_TIMEOUT_S)
-
-
-def error_of(response: httpx.Response) -> dict[str, Any]:
-    """The `{"error": {"code", "message"}}` body of a failed request."""
-    assert response.headers["Content-Type"].startswith("application/json")
-    error: dict[str, Any] = response.json()["error"]
-    assert isinstance(error["code"], str)
-    assert isinstance(error["message"], str)
-    return error
 
 
 # -- 5: the official ollama client against the controller -------------------------------------
@@ -390,7 +382,7 @@ async def test_requests_without_the_token_are_401(stack: Stack) -> None:
         for method, path in (
             ("POST", "/v1/images"),
             ("GET", "/v1/fleet"),
-            ("GET", "/v1/models"),
+            ("GET", "/v1/catalog"),
             ("GET", "/api/tags"),
             ("POST", "/api/generate"),
         ):

@@ -82,9 +82,9 @@ async def submit_all(http: httpx.AsyncClient, workflows: list[dict[str, Any]]) -
 
 
 def model_named(models: dict[str, Any], name: str) -> dict[str, Any]:
-    """The entry for `name` in a `/v1/models` answer."""
+    """The entry for `name` in a `/v1/catalog` answer."""
     found: list[dict[str, Any]] = [m for m in models["models"] if m["name"] == name]
-    assert found, f"{name} missing from /v1/models: {[m['name'] for m in models['models']]}"
+    assert found, f"{name} missing from /v1/catalog: {[m['name'] for m in models['models']]}"
     return found[0]
 
 
@@ -144,12 +144,12 @@ async def test_restart_resumes_held_and_running_jobs_and_keeps_learned_values(
             one_running_others_held, poll_s=POLL_S, what="a job running, others held"
         )
         assert at_stop[first] in ("dispatched", "running")
-        before = (await http.get("/v1/models")).json()
+        before = (await http.get("/v1/catalog")).json()
         learned_speed = model_named(before, SMALL)
         assert learned_speed["samples"] == 1
 
     async with running_controller_on(agent.url, data_dir) as (controller, http):
-        after = (await http.get("/v1/models")).json()
+        after = (await http.get("/v1/catalog")).json()
         small = model_named(after, SMALL)
         # Learned values came back from the store before anything new was measured.
         assert small["samples"] == 1
@@ -161,7 +161,7 @@ async def test_restart_resumes_held_and_running_jobs_and_keeps_learned_values(
         # The job that was out on the agent was followed, not dispatched again.
         assert jobs[first]["attempts"] == 1
         assert controller.engine.images.counts() == {"succeeded": len(job_ids)}
-        footprints = (await http.get("/v1/models")).json()["image_footprints_bytes"]
+        footprints = (await http.get("/v1/catalog")).json()["image_footprints_bytes"]
         assert set(footprints) == {"sdxl:1024x1024x1", "sd15:512x512x1"}
 
 

@@ -173,7 +173,7 @@ async def test_plans_made_while_comfyui_frees_do_not_count_its_cache_twice(stack
     weights the free is about to drop."""
     first = await stack.submit(sdxl(steps=10))
     assert (await stack.wait_job(first["id"]))["state"] == "succeeded"
-    models = {m["name"]: m for m in (await stack.http.get("/v1/models")).json()["models"]}
+    models = {m["name"]: m for m in (await stack.http.get("/v1/catalog")).json()["models"]}
     both_bytes = models[MID]["vram_bytes"] + models[SMALL]["vram_bytes"]
 
     faults = stack.desktop.comfyui.faults
@@ -227,7 +227,7 @@ async def test_auto_fast_and_auto_quality_choose_different_models(stack: Stack) 
     # Each answer comes from the model the header names.
     assert fast.json()["model"] == SMALL
     assert quality.json()["model"] == BIG
-    models = {m["name"]: m for m in (await stack.http.get("/v1/models")).json()["models"]}
+    models = {m["name"]: m for m in (await stack.http.get("/v1/catalog")).json()["models"]}
     assert models[BIG]["quality"] > models[SMALL]["quality"]
     # The best model of all does not fit the card; auto:quality never spills to the CPU.
     best_overall = max(models.values(), key=lambda m: m["quality"])
@@ -241,7 +241,7 @@ async def test_auto_fast_and_auto_quality_choose_different_models(stack: Stack) 
 
 
 async def test_models_fleet_and_metrics_show_what_was_learned(stack: Stack) -> None:
-    before = {m["name"]: m for m in (await stack.http.get("/v1/models")).json()["models"]}
+    before = {m["name"]: m for m in (await stack.http.get("/v1/catalog")).json()["models"]}
     assert not before[SMALL]["measured"]
     assert before[SMALL]["samples"] == 0
 
@@ -252,7 +252,7 @@ async def test_models_fleet_and_metrics_show_what_was_learned(stack: Stack) -> N
     job = await stack.submit(sd15(steps=4))
     assert (await stack.wait_job(job["id"]))["state"] == "succeeded"
 
-    models = (await stack.http.get("/v1/models")).json()
+    models = (await stack.http.get("/v1/catalog")).json()
     (small,) = [m for m in models["models"] if m["name"] == SMALL]
     assert small["measured"] is True
     assert small["samples"] == 2

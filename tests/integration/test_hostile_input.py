@@ -15,7 +15,7 @@ import contextlib
 import json
 import statistics
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -95,11 +95,23 @@ async def raw_request(
     return status, response_headers, payload
 
 
-def error_of(status: int, body: bytes, expected_status: int | tuple[int, ...]) -> dict[str, Any]:
-    """The `error` object of a JSON error answer, after checking the status and the shape."""
+def error_of(
+    status: int,
+    body: bytes,
+    expected_status: int | tuple[int, ...],
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The `error` object of a JSON error answer, after checking the status and the shape.
+
+    On `/api/*` the body is Ollama's `{"error": "message"}`; its code is in `X-GPU-Error`,
+    which `headers` (when given) supply."""
     wanted = (expected_status,) if isinstance(expected_status, int) else expected_status
     assert status in wanted, (status, body[:300])
     payload = json.loads(body)
+    if isinstance(payload["error"], str):
+        assert payload["error"]
+        lowered = {name.lower(): value for name, value in (headers or {}).items()}
+        return {"code": lowered.get("x-gpu-error", ""), "message": payload["error"]}
     error: dict[str, Any] = payload["error"]
     assert isinstance(error["code"], str)
     assert error["code"]
@@ -110,7 +122,7 @@ def error_of(status: int, body: bytes, expected_status: int | tuple[int, ...]) -
 
 def http_error(response: httpx.Response, status: int | tuple[int, ...]) -> dict[str, Any]:
     assert response.headers["content-type"].startswith("application/json"), response.headers
-    return error_of(response.status_code, response.content, status)
+    return error_of(response.status_code, response.content, status, response.headers)
 
 
 async def agent_state(desktop: SimDesktop, agent_url: str) -> dict[str, Any]:
@@ -408,13 +420,14 @@ async def test_every_route_refuses_a_missing_or_wrong_token(stack: Stack, which:
             headers = {"Content-Type": "application/json"}
             if wrong is not None:
                 headers["Authorization"] = wrong
-            status, _, body = await raw_request(
+            status, answered, body = await raw_request(
                 base_url, method, path, headers, body=b'{"model": "qwen2.5:7b"}'
             )
             if public:
                 assert status == 200, (method, path)
                 continue
-            assert error_of(status, body, 401)["code"] == "unauthorized", (method, path, wrong)
+            error = error_of(status, body, 401, answered)
+            assert error["code"] == "unauthorized", (method, path, wrong)
     assert await controller_state(stack) == before
 
 
@@ -474,8 +487,11 @@ async def test_host_and_origin_tricks_are_403_everywhere(stack: Stack) -> None:
                 f"192.0.2.7:{port}",
                 "",
             ):
-                status, _, body = await raw_request(base_url, "GET", path, {"Host": host, **auth})
-                assert error_of(status, body, 403)["code"] == "forbidden_host", (path, host)
+                status, answered, body = await raw_request(
+                    base_url, "GET", path, {"Host": host, **auth}
+                )
+                error = error_of(status, body, 403, answered)
+                assert error["code"] == "forbidden_host", (path, host)
             for origin in (
                 "http://evil.example.com",
                 f"http://evil.example.com:{port}",
@@ -485,8 +501,9 @@ async def test_host_and_origin_tricks_are_403_everywhere(stack: Stack) -> None:
                 "not an origin",
             ):
                 headers = {"Origin": origin, **auth}
-                status, _, body = await raw_request(base_url, "GET", path, headers)
-                assert error_of(status, body, 403)["code"] == "forbidden_origin", (path, origin)
+                status, answered, body = await raw_request(base_url, "GET", path, headers)
+                error = error_of(status, body, 403, answered)
+                assert error["code"] == "forbidden_origin", (path, origin)
         # A rebound page cannot open the event stream either.
         async with aiohttp.ClientSession() as session:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:

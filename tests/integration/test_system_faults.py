@@ -25,6 +25,7 @@ from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.ollama import MIDSTREAM_ERROR
 from gpu_common import clock
 from tests import waiting
+from tests.integration.error_bodies import error_of
 from tests.integration.stack import (
     AGENT_TOKEN,
     JOB_TIMEOUT_S,
@@ -276,7 +277,7 @@ async def test_hung_ollama_fails_llm_requests_in_time_while_images_run(
             response = await stack.generate(SMALL, options={"num_predict": 8})
             elapsed_s = clock.monotonic_s() - started
             assert response.status_code == 503, response.text
-            error = response.json()["error"]
+            error = error_of(response)
             assert error["code"] == "agent_unavailable"
             assert "Ollama did not answer" in error["message"], error
             assert "in time" in error["message"], error
@@ -308,7 +309,7 @@ async def test_hung_ollama_fails_llm_requests_in_time_while_images_run(
             response = await stack.generate(SMALL, options={"num_predict": 8})
             elapsed_s = clock.monotonic_s() - started
             assert response.status_code == 503, response.text
-            assert "Ollama" in response.json()["error"]["message"]
+            assert "Ollama" in error_of(response)["message"]
             assert_within_the_agents_limits(elapsed_s)
         finally:
             desktop.ollama.faults.unhang()
@@ -336,7 +337,7 @@ async def test_slow_ollama_beyond_the_limits_gives_a_clear_error(
             response = await stack.generate(SMALL, options={"num_predict": 8})
             elapsed_s = clock.monotonic_s() - started
             assert response.status_code == 503, response.text
-            assert "Ollama did not answer" in response.json()["error"]["message"]
+            assert "Ollama did not answer" in error_of(response)["message"]
             assert_within_the_agents_limits(elapsed_s)
             assert (await stack.wait_job(job["id"]))["state"] == "succeeded"
         finally:
@@ -389,7 +390,7 @@ async def test_ollama_down_shows_in_the_fleet_and_images_still_run(stack: Stack)
 
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 503, response.text
-        assert "Ollama" in response.json()["error"]["message"]
+        assert "Ollama" in error_of(response)["message"]
 
         job = await stack.submit(sd15(steps=20))
         done = await stack.wait_job(job["id"])
@@ -443,7 +444,7 @@ async def test_no_new_work_on_an_agent_whose_memory_cannot_be_seen(stack: Stack)
         assert held["state"] == "held"
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 503, response.text
-        assert "telemetry degraded" in response.json()["error"]["message"]
+        assert "telemetry degraded" in error_of(response)["message"]
         fleet = await stack.fleet()
         assert [j["id"] for j in fleet["held_jobs"]] == [job["id"]]
         assert stack.desktop.comfyui.stats.prompts_run == 0
@@ -550,7 +551,7 @@ async def test_link_cut_holds_new_work_and_resumes_without_loss(
         assert waiting["state"] == "held"
         response = await stack.generate(SMALL, options={"num_predict": 8})
         assert response.status_code == 503
-        assert "unreachable" in response.json()["error"]["message"]
+        assert "unreachable" in error_of(response)["message"]
         # The desktop finishes what it had meanwhile; the controller cannot know yet.
         await wait_until(
             lambda: desktop.comfyui.stats.succeeded == 1,

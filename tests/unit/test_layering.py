@@ -29,7 +29,12 @@ PACKAGES = ("gpu_common", "gpu_agent", "controller", "bench", "tools")
 AGENT_COMPOSITION = frozenset({"gpu_agent.cli", "gpu_agent.daemon", "gpu_agent.demo"})
 STACK_COMPOSITION = frozenset({"controller.simulated", "controller.demo"})
 # What the pure policy core may use of ours: value modules with no I/O.
-CORE_MAY_USE = ("controller.domain", "gpu_common.schema", "gpu_common.stats")
+CORE_MAY_USE = (
+    "controller.domain",
+    "gpu_common.schema",
+    "gpu_common.stats",
+    "gpu_common.model_names",
+)
 
 
 @dataclass(frozen=True)
