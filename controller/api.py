@@ -27,6 +27,7 @@ from controller.domain.types import LlmRequest
 from controller.domain.workflows import image_key
 from controller.engine import Engine
 from controller.errors import AgentError, IdempotencyKeyReused
+from controller.image_inputs import FORM_SCHEMA, NewInput, digest_inputs, read_submission
 from controller.metrics import make_registry, render
 from controller.schema import (
     MAX_LATENT_BATCH,
@@ -45,6 +46,7 @@ from controller.schema import (
 from controller.store import JobRecord
 from gpu_common import clock
 from gpu_common.errors import BadRequest, Conflict, NotFound
+from gpu_common.forms import is_form
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import (
     auth_middleware,
@@ -327,7 +329,12 @@ def _job_id(request: web.Request) -> str:
 
 async def submit_image(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    body = await read_model(request, ImageSubmit)
+    inputs: list[NewInput] = []
+    if is_form(request):
+        # A job with input pictures comes as a form (see controller.image_inputs).
+        body, inputs = await read_submission(request, engine.input_limits)
+    else:
+        body = await read_model(request, ImageSubmit)
     if not body.workflow:
         raise BadRequest("workflow must have at least one node")
     check_workflow(body.workflow)
@@ -341,10 +348,10 @@ async def submit_image(request: web.Request) -> web.Response:
     idempotency_key = _idempotency_key(request)
     if idempotency_key is None:
         record = await engine.images.submit(
-            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
+            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority, inputs=inputs
         )
     else:
-        record = await _submit_once(engine, idempotency_key, body)
+        record = await _submit_once(engine, idempotency_key, body, inputs)
     response = _json(engine.images.info(record), status=202)
     response.headers["Location"] = f"/v1/images/{record.job_id}"
     if record.state == "held":
@@ -396,13 +403,18 @@ def _sf_string(raw: str) -> str:
     raise BadRequest("Idempotency-Key: the string has no closing quote")
 
 
-async def _submit_once(engine: Engine, key: str, body: ImageSubmit) -> JobRecord:
+async def _submit_once(
+    engine: Engine, key: str, body: ImageSubmit, inputs: list[NewInput]
+) -> JobRecord:
     """The job for `key`: made now for a new key, the one made before for a repeated request.
 
     The same key with a different request is refused (422), and so is a repeat while the
     first request with that key is still being served (409), as the IETF draft says."""
+    request = body.model_dump(mode="json")
+    if inputs:
+        request["inputs"] = digest_inputs(inputs)
     digest = hashlib.sha256(
-        json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        json.dumps(request, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     claim = await engine.store.claim_key(
         key,
@@ -422,7 +434,7 @@ async def _submit_once(engine: Engine, key: str, body: ImageSubmit) -> JobRecord
         return await engine.images.get(claim.job_id)
     try:
         record = await engine.images.submit(
-            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
+            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority, inputs=inputs
         )
     except BaseException:
         await engine.store.release_key(key)
@@ -620,11 +632,14 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ),
     ("POST", "/v1/images"): RouteDoc(
         "Submit an image job (a ComfyUI workflow in API format); with an Idempotency-Key, "
-        "the same key returns the same job",
+        "the same key returns the same job. With input pictures (img2img, inpainting), as "
+        "multipart/form-data: the JSON in 'job', each picture in 'image' or 'mask' named as "
+        "the workflow's LoadImage or LoadImageMask names it",
         request=ImageSubmit,
+        form=FORM_SCHEMA,
         response=ImageJobInfo,
         status=202,
-        errors=(400, 404, 409, 422),
+        errors=(400, 404, 409, 413, 422),
         params=(
             Param(
                 "Idempotency-Key",

@@ -193,6 +193,21 @@ class ControllerSettings(ServiceSettings):
     max_body_bytes: int = Field(
         default=16 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
+    max_input_bytes: int = Field(
+        default=32 * _MIB,
+        ge=1024,
+        le=_GIB,
+        description="Largest input picture of an image job (PNG, JPEG or WebP).",
+    )
+    max_input_pixels: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        le=16384 * 16384,
+        description="Most pixels (width x height) an input picture may have.",
+    )
+    max_inputs: int = Field(
+        default=8, ge=1, le=64, description="Most input pictures one image job may carry."
+    )
 
     _shared_agent_token: SecretStr | None = PrivateAttr(default=None)
 

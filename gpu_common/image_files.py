@@ -15,12 +15,12 @@ from typing import Literal
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
-MEDIA_TYPES: dict[ImageFormat, str] = {
+MEDIA_TYPES: dict[str, str] = {
     "png": "image/png",
     "jpeg": "image/jpeg",
     "webp": "image/webp",
 }
-EXTENSIONS: dict[ImageFormat, str] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+EXTENSIONS: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_ALPHA_COLOUR_TYPES = (4, 6)  # greyscale + alpha, RGB + alpha

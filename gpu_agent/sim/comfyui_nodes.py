@@ -104,6 +104,7 @@ class NodeClass:
     validated_inputs: tuple[str, ...] = ()
 
     def input(self, name: str) -> InputSpec | None:
+        """The required input called `name`; None when the class has none of that name."""
         return next((spec for spec in self.required if spec.name == name), None)
 
     def object_info(self) -> dict[str, Any]:
