@@ -236,7 +236,7 @@ async def test_image_to_mask_of_alpha_passes_validation_and_fails_at_run_time(
 ) -> None:
     # LoadImage hands on RGB pixels (the alpha goes into its MASK), so channel 3 is missing.
     await upload(desk, png(64, 64, alpha=True), "cut.png")
-    prompt = {
+    prompt: dict[str, dict[str, Any]] = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "cut.png"}},
         "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "alpha"}},
         "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
