@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from controller import __version__
+from controller.access import AccessPolicy, ClientRequestsCollector, access_middleware
 from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest
 from controller.domain.workflows import image_key
@@ -49,7 +50,6 @@ from gpu_common.errors import BadRequest, Conflict, NotFound
 from gpu_common.forms import is_form
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import (
-    auth_middleware,
     check_workflow,
     error_middleware,
     parse_json,
@@ -512,16 +512,23 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     """
     settings = engine.settings
     policy = HostPolicy(settings.allowed_hosts, bind_host=settings.host)
+    # Who may come in (tokens, named clients, trusted networks): see controller.access.
+    access = AccessPolicy(
+        token=token,
+        clients={client.name: client.secret() for client in settings.clients},
+        trusted_networks=settings.trusted_networks,
+    )
     app = web.Application(
         client_max_size=max_body_bytes,
         middlewares=[
             error_middleware("controller"),
             host_check_middleware(policy),
-            auth_middleware(token),
+            access_middleware(access),
         ],
     )
     app[ENGINE_KEY] = engine
     app[REGISTRY_KEY] = make_registry(engine)
+    app[REGISTRY_KEY].register(ClientRequestsCollector(access))
     router = app.router
     router.add_get("/healthz", healthz)
     router.add_get("/metrics", metrics)
@@ -548,7 +555,7 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
             "Schedules LLM requests (Ollama-compatible /api/*) and ComfyUI image jobs across "
             "GPU agents."
         ),
-        token_required=token is not None,
+        token_required=not access.open,
     )
     return app
 
