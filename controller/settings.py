@@ -85,6 +85,19 @@ class AgentEndpoint(BaseModel):
     token: SecretStr | None = Field(
         default=None, description="The agent's bearer token; default: GPU_AGENT_TOKEN."
     )
+    token_file: Path | None = Field(
+        default=None, description="A file holding the agent's bearer token, instead of token."
+    )
+
+    _file_token: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> AgentEndpoint:
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ValueError("set token or token_file, not both")
+            self._file_token = read_token_file(self.token_file.expanduser())
+        return self
 
     @field_validator("name", mode="before")
     @classmethod
@@ -311,9 +324,12 @@ class ControllerSettings(ServiceSettings):
         return problems
 
     def agent_token(self, endpoint: AgentEndpoint) -> str | None:
-        """The token to send to `endpoint`: its own, else `GPU_AGENT_TOKEN`, else None."""
+        """The token to send to `endpoint`: its own (or its file's), else `GPU_AGENT_TOKEN`,
+        else None."""
         if endpoint.token is not None:
             return endpoint.token.get_secret_value()
+        if endpoint._file_token is not None:
+            return endpoint._file_token.get_secret_value()
         if self._shared_agent_token is not None:
             return self._shared_agent_token.get_secret_value()
         return None
