@@ -460,7 +460,7 @@ class AgentLink:
             "overwrite": "true" if overwrite else "false",
         }
         if mask_of is not None:
-            fields["mask_of"] = json.dumps(mask_of)
+            fields.update({f"original_{key}": value for key, value in mask_of.items()})
         what = "POST /v1/comfyui/uploads"
         timeout = self._timeout(None)
         with self._converted(what, timeout):

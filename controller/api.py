@@ -332,7 +332,9 @@ async def submit_image(request: web.Request) -> web.Response:
     inputs: list[NewInput] = []
     if is_form(request):
         # A job with input pictures comes as a form (see controller.image_inputs).
-        body, inputs = await read_submission(request, engine.input_limits)
+        body, inputs = await read_submission(
+            request, engine.input_limits, max_job_bytes=engine.settings.max_body_bytes
+        )
     else:
         body = await read_model(request, ImageSubmit)
     if not body.workflow:

@@ -49,35 +49,46 @@ from gpu_common.schema import UploadResult
 
 # ComfyUI's own limit on a side (MAX_RESOLUTION).
 MAX_SIDE = 16384
+# The most pictures (and, apart, masks) a form may carry, whatever `max_inputs` allows.
+MAX_FILES_PER_FIELD = 64
 _MAX_NAME = 255
 
+# Whether a file is a picture, and whether the workflow loads it by that name, the schema cannot
+# say: such refusals carry their own code, `input_rejected`.
 FORM_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["job"],
+    "additionalProperties": False,
     "properties": {
-        "job": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "description": "the JSON body: {workflow, vram_bytes?, priority?}",
-        },
+        "job": {"$ref": "#/components/schemas/ImageSubmit"},
         "image": {
             "type": "array",
-            "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+            "maxItems": MAX_FILES_PER_FIELD,
+            "items": {"type": "string", "format": "binary"},
             "description": "input pictures (PNG, JPEG, WebP); each file's name is the name the "
             "workflow's LoadImage or LoadImageMask node gives it",
         },
         "mask": {
             "type": "array",
-            "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+            "maxItems": MAX_FILES_PER_FIELD,
+            "items": {"type": "string", "format": "binary"},
             "description": "input masks, named as the images are",
         },
         "mask_of": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "description": "JSON {mask name: image name}: masks painted onto an input picture",
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "{mask name: image name}: masks painted onto an input picture",
         },
     },
+    "encoding": {"job": {"contentType": "application/json"}},
 }
+
+
+class InputRejected(BadRequest):
+    """An input picture, or how the form names it, is not acceptable (400 `input_rejected`):
+    not a PNG, JPEG or WebP file, too many pixels, not loaded by the workflow, ..."""
+
+    code = "input_rejected"
 
 
 class InputUnusable(ControllerError):
@@ -118,28 +129,39 @@ class NewInput:
 
 
 async def read_submission(
-    request: web.Request, limits: InputLimits
+    request: web.Request, limits: InputLimits, *, max_job_bytes: int
 ) -> tuple[ImageSubmit, list[NewInput]]:
     """The job and its checked input pictures from a `multipart/form-data` submission."""
     form = await read_form(
         request,
-        max_file_bytes=limits.max_bytes,
-        max_files=limits.max_count,
-        max_total_bytes=limits.max_bytes * limits.max_count + 1024 * 1024,
+        # The job's JSON may come as a file part too (some clients send typed parts so).
+        max_file_bytes=max(limits.max_bytes, max_job_bytes),
+        # Any number the form's schema allows, so that more than max_count get the reason
+        # below; the total stays bounded by the size limits.
+        max_files=2 * MAX_FILES_PER_FIELD + 1,
+        max_total_bytes=(limits.max_count + 1) * limits.max_bytes + max_job_bytes,
+        max_field_bytes=max_job_bytes,
+        fields=frozenset({"job", "image", "mask", "mask_of"}),
     )
-    raw = form.fields.get("job")
+    if "image" in form.fields or "mask" in form.fields:
+        raise BadRequest("image and mask must be files (parts with a file name)")
+    job_file = next((f for f in form.files if f.field == "job"), None)
+    raw = form.fields.get("job", job_file.data.decode("utf-8", "replace") if job_file else None)
     if raw is None:
         raise BadRequest("the form needs the job's JSON in the field 'job'")
     body = validate(parse_json(raw.encode()), ImageSubmit)
     mask_of = _mask_of(form.fields.get("mask_of"))
-    inputs = [_accept(file, limits, mask_of) for file in form.files]
+    files = [f for f in form.files if f.field != "job"]
+    if len(files) > limits.max_count:
+        raise InputRejected(f"at most {limits.max_count} input pictures per job")
+    inputs = [_accept(file, limits, mask_of) for file in files]
     unknown = set(mask_of) - {item.stored.name for item in inputs if item.stored.kind == "mask"}
     if unknown:
-        raise BadRequest(f"mask_of names masks not uploaded: {', '.join(sorted(unknown))}")
+        raise InputRejected(f"mask_of names masks not uploaded: {', '.join(sorted(unknown))}")
     specs = [InputSpec(i.stored.name, i.stored.kind, i.stored.mask_of) for i in inputs]
     problems = input_problems(body.workflow, specs)
     if problems:
-        raise BadRequest("; ".join(problems))
+        raise InputRejected("; ".join(problems))
     return body, inputs
 
 
@@ -148,25 +170,31 @@ def _mask_of(raw: str | None) -> dict[str, str]:
         return {}
     value = parse_json(raw.encode())
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise BadRequest("mask_of must be a JSON object of mask name -> image name")
+        raise InputRejected("mask_of must be a JSON object of mask name -> image name")
     return value
 
 
 def _accept(file: FormFile, limits: InputLimits, mask_of: Mapping[str, str]) -> NewInput:
     """One uploaded part as an input, or BadRequest (PayloadTooLarge) saying why not."""
     if file.field not in ("image", "mask"):
-        raise BadRequest(f"file {file.filename!r} came in field {file.field!r}; use image or mask")
+        raise InputRejected(
+            f"file {file.filename!r} came in field {file.field!r}; use image or mask"
+        )
     name = file.filename
     if not name or len(name) > _MAX_NAME or any(ord(ch) < 32 for ch in name):
-        raise BadRequest(f"input name {name[:40]!r} must be 1 to {_MAX_NAME} printable characters")
+        raise InputRejected(
+            f"input name {name[:40]!r} must be 1 to {_MAX_NAME} printable characters"
+        )
     if len(file.data) > limits.max_bytes:
         raise PayloadTooLarge(f"input {name!r} is larger than {limits.max_bytes} bytes")
     try:
         header = probe_image(file.data)
     except NotAnImage as exc:
-        raise BadRequest(f"input {name!r}: only PNG, JPEG and WebP are accepted ({exc})") from exc
+        raise InputRejected(
+            f"input {name!r}: only PNG, JPEG and WebP are accepted ({exc})"
+        ) from exc
     if header.width > MAX_SIDE or header.height > MAX_SIDE or header.pixels > limits.max_pixels:
-        raise BadRequest(
+        raise InputRejected(
             f"input {name!r} is {header.width}x{header.height}: at most {MAX_SIDE} pixels a "
             f"side and {limits.max_pixels} pixels in all"
         )

@@ -72,6 +72,10 @@ _SUBFOLDER = re.compile(
     r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63})*)?$"
 )
 _UPLOAD_TYPES = ("input", "output", "temp")
+_UPLOAD_FIELDS = frozenset(
+    {"image", "type", "subfolder", "overwrite"}
+    | {"original_filename", "original_subfolder", "original_type"}
+)
 # A path under /api/ may hold no "." or ".." segment.
 _DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 # Ollama endpoints whose requests name a model and occupy it while they run.
@@ -211,9 +215,16 @@ async def get_output(request: web.Request) -> web.Response:
 
 async def comfyui_upload(request: web.Request) -> web.Response:
     """A picture for ComfyUI, with ComfyUI's own upload semantics (type, subfolder, overwrite,
-    a new name on a clash); with `mask_of` it goes to `/upload/mask` onto that original."""
+    a new name on a clash); with `original_filename` it goes to `/upload/mask`, onto that
+    original."""
     limit = request.app[MAX_UPLOAD_KEY]
-    form = await read_form(request, max_file_bytes=limit, max_files=1, max_total_bytes=limit * 2)
+    form = await read_form(
+        request,
+        max_file_bytes=limit,
+        max_files=1,
+        max_total_bytes=limit * 2,
+        fields=_UPLOAD_FIELDS,
+    )
     image = next((f for f in form.files if f.field == "image"), None)
     if image is None:
         raise BadRequest("the form needs a file in the field 'image'")
@@ -231,7 +242,7 @@ async def comfyui_upload(request: web.Request) -> web.Response:
     overwrite = form.fields.get("overwrite", "false")
     if overwrite not in ("true", "false"):
         raise BadRequest("overwrite must be 'true' or 'false'")
-    mask_of = _mask_of(form.fields.get("mask_of"))
+    mask_of = _original(form.fields)
     result = await request.app[SERVICE_KEY].upload(
         image.data,
         image.filename,
@@ -244,24 +255,21 @@ async def comfyui_upload(request: web.Request) -> web.Response:
     return _json(result)
 
 
-def _mask_of(raw: str | None) -> dict[str, str] | None:
-    """`mask_of`: the original picture a mask goes onto, `{filename, subfolder?, type?}`."""
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"mask_of is not JSON: {exc}") from exc
-    if not isinstance(value, dict) or set(value) - {"filename", "subfolder", "type"}:
-        raise BadRequest("mask_of must be an object with filename, subfolder and type")
-    filename, subfolder = value.get("filename"), value.get("subfolder", "")
-    folder_type = value.get("type", "input")
-    if not isinstance(filename, str) or not _UPLOAD_NAME.match(filename):
-        raise BadRequest("mask_of.filename must be a plain file name")
-    if not isinstance(subfolder, str) or not _SUBFOLDER.match(subfolder):
-        raise BadRequest("mask_of.subfolder must be folder names separated by '/'")
+def _original(fields: dict[str, str]) -> dict[str, str] | None:
+    """The picture a mask goes onto (`original_filename`, `original_subfolder`,
+    `original_type`); None for a plain upload (no `original_filename`)."""
+    filename = fields.get("original_filename")
+    subfolder = fields.get("original_subfolder", "")
+    folder_type = fields.get("original_type", "input")
+    # Each is checked whenever it is given, with or without a filename.
+    if filename is not None and not _UPLOAD_NAME.match(filename):
+        raise BadRequest("original_filename must be a plain file name")
+    if not _SUBFOLDER.match(subfolder):
+        raise BadRequest("original_subfolder must be folder names separated by '/'")
     if folder_type not in _UPLOAD_TYPES:
-        raise BadRequest(f"mask_of.type must be one of {', '.join(_UPLOAD_TYPES)}")
+        raise BadRequest(f"original_type must be one of {', '.join(_UPLOAD_TYPES)}")
+    if filename is None:
+        return None
     return {"filename": filename, "subfolder": subfolder, "type": folder_type}
 
 
@@ -524,23 +532,26 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ),
     ("POST", "/v1/comfyui/uploads"): RouteDoc(
         "Upload a picture to ComfyUI with its semantics (a name taken by another file becomes "
-        "'name (1).ext'; the same file again keeps its name); with mask_of, onto that original "
-        "as its alpha channel (ComfyUI's /upload/mask)",
+        "'name (1).ext'; the same file again keeps its name); with original_filename, onto "
+        "that original as its alpha channel (ComfyUI's /upload/mask)",
         response=UploadResult,
         errors=(400, 413, 502, 503),
         form={
             "type": "object",
             "required": ["image"],
+            "additionalProperties": False,
             "properties": {
                 "image": {"type": "string", "contentMediaType": "application/octet-stream"},
                 "type": {"type": "string", "enum": list(_UPLOAD_TYPES)},
                 "subfolder": {"type": "string", "pattern": _SUBFOLDER.pattern},
                 "overwrite": {"type": "string", "enum": ["true", "false"]},
-                "mask_of": {
+                "original_filename": {
                     "type": "string",
-                    "contentMediaType": "application/json",
-                    "description": "JSON {filename, subfolder, type} of the original picture",
+                    "pattern": _UPLOAD_NAME.pattern,
+                    "description": "a mask: the picture it is painted onto",
                 },
+                "original_subfolder": {"type": "string", "pattern": _SUBFOLDER.pattern},
+                "original_type": {"type": "string", "enum": list(_UPLOAD_TYPES)},
             },
         },
     ),

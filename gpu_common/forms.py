@@ -4,7 +4,8 @@ aiohttp's `request.post()` reads the whole body under the app's one `client_max_
 sized for JSON; pictures need a larger bound per file, and a bound on how many. `read_form`
 streams the parts and stops at the first limit crossed: a file over `max_file_bytes` or a body
 over `max_total_bytes` is `PayloadTooLarge` (413), more than `max_files` files or a text field
-over `MAX_FIELD_BYTES` is `BadRequest`, and so is a body that is not multipart at all.
+over `max_field_bytes` (default `MAX_FIELD_BYTES`) is `BadRequest`, and so is a body that is
+not multipart at all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gpu_common.errors import BadRequest, PayloadTooLarge
 
@@ -44,14 +46,21 @@ def is_form(request: web.Request) -> bool:
 
 
 async def read_form(
-    request: web.Request, *, max_file_bytes: int, max_files: int, max_total_bytes: int
+    request: web.Request,
+    *,
+    max_file_bytes: int,
+    max_files: int,
+    max_total_bytes: int,
+    max_field_bytes: int = MAX_FIELD_BYTES,
+    fields: frozenset[str] | None = None,
 ) -> Form:
-    """The request's multipart body, read part by part within the limits."""
+    """The request's multipart body, read part by part within the limits; a part whose name
+    is not in `fields` (when given) is refused."""
     if not is_form(request):
         raise BadRequest(f"body must be multipart/form-data, not {request.content_type!r}")
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from exc
     form = Form()
     total = 0
@@ -63,6 +72,10 @@ async def read_form(
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not accepted")
             name = part.name or ""
+            if fields is not None and name not in fields:
+                raise BadRequest(
+                    f"unknown form field {name[:40]!r}; known: {', '.join(sorted(fields))}"
+                )
             if part.filename is not None:
                 if len(form.files) >= max_files:
                     raise BadRequest(f"at most {max_files} files may be uploaded at once")
@@ -70,7 +83,7 @@ async def read_form(
                 content_type = part.headers.get("Content-Type", "application/octet-stream")
                 form.files.append(FormFile(name, part.filename, content_type, data))
             else:
-                data = await _read(part, MAX_FIELD_BYTES, f"field {name!r}")
+                data = await _read(part, max_field_bytes, f"field {name!r}")
                 try:
                     form.fields[name] = data.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -78,8 +91,9 @@ async def read_form(
             total += len(data)
             if total > max_total_bytes:
                 raise PayloadTooLarge(f"the form is larger than {max_total_bytes} bytes")
-    except (ValueError, AssertionError, UnicodeDecodeError) as exc:
-        # aiohttp's reader raises these for a body that does not follow its boundary.
+    except (ValueError, AssertionError, UnicodeDecodeError, HttpProcessingError) as exc:
+        # aiohttp's reader raises these for a body that does not follow its boundary, or for a
+        # part whose headers are not valid HTTP.
         raise BadRequest(f"malformed multipart body: {exc}") from exc
     return form
 

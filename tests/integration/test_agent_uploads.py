@@ -10,7 +10,6 @@ back, and with nothing running it answers at once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -67,10 +66,9 @@ async def test_uploads_keep_comfyuis_semantics(
     replaced = await upload(client, second, "in.png", subfolder="studio", overwrite="true")
     assert replaced.json()["name"] == "in.png"
     assert (desktop.comfyui.input_dir / "studio" / "in.png").read_bytes() == second
-    onto = {"filename": "in.png", "subfolder": "studio", "type": "input"}
     mask = await upload(
         client, picture(32, 32, alpha=True), "in-mask.png", subfolder="studio",
-        mask_of=json.dumps(onto),
+        original_filename="in.png", original_subfolder="studio", original_type="input",
     )  # fmt: skip
     assert mask.json() == {"name": "in-mask.png", "subfolder": "studio", "type": "input"}
     composite = probe_image((desktop.comfyui.input_dir / "studio" / "in-mask.png").read_bytes())
@@ -86,8 +84,8 @@ async def test_uploads_keep_comfyuis_semantics(
         ("in.png", {"subfolder": "/etc"}, "subfolder"),
         ("in.png", {"type": "models"}, "type must be one of"),
         ("in.png", {"overwrite": "yes"}, "overwrite"),
-        ("in.png", {"mask_of": "{"}, "mask_of is not JSON"),
-        ("in.png", {"mask_of": json.dumps({"filename": "../x.png"})}, "mask_of.filename"),
+        ("in.png", {"original_filename": "../x.png"}, "original_filename"),
+        ("in.png", {"original_filename": "x.png", "original_type": "x"}, "original_type"),
     ],
 )
 async def test_uploads_the_agent_refuses(
