@@ -13,8 +13,9 @@ from controller.domain.image_inputs import (
     rewrite_inputs,
     upload_name,
 )
+from controller.domain.workflows import image_key
 from gpu_agent.sim.png import encode_png, gradient_rows, solid_rows, with_alpha
-from gpu_agent.sim.workflows import image_to_image
+from gpu_agent.sim.workflows import SD15, image_to_image
 from gpu_common.image_files import NotAnImage, probe_image
 from gpu_common.schema import UploadResult
 
@@ -107,3 +108,11 @@ def test_the_workflow_names_what_comfyui_stored_and_the_callers_copy_stays() -> 
 def test_upload_names_come_from_the_content() -> None:
     assert upload_name("ab" * 32, ".jpg") == "ab" * 16 + ".jpg"
     assert upload_name("ab" * 32, ".png", "cd" * 32) == "ab" * 8 + "cd" * 8 + "-mask.png"
+
+
+def test_an_img2img_job_is_sized_by_the_scale_before_its_vae_encode() -> None:
+    key = image_key(image_to_image(SD15, image="in.png", width=640, height=448))
+    assert (key.family, key.width, key.height, key.batch) == ("sd15", 640, 448, 1)
+    # One side left to the picture: the size is not known before the picture is read.
+    unknown = image_to_image(SD15, image="in.png", width=0, height=448)
+    assert (image_key(unknown).width, image_key(unknown).height) == (1024, 1024)
