@@ -57,6 +57,7 @@ from gpu_common.schema import (
     PromptSubmit,
     UnloadRequest,
     UnloadResult,
+    UploadResult,
 )
 
 log = logging.getLogger(__name__)
@@ -440,6 +441,36 @@ class AgentLink:
         body = PromptSubmit.model_construct(workflow=workflow, prompt_id=prompt_id)
         response = await self._send("POST", "/v1/comfyui/prompts", body=body)
         return self._parse(response, PromptInfo)
+
+    async def upload(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        subfolder: str,
+        overwrite: bool,
+        mask_of: dict[str, str] | None = None,
+    ) -> UploadResult:
+        """Hand a picture to the agent, which uploads it to its ComfyUI (onto `mask_of`'s
+        original as a mask when given); the answer names the file ComfyUI stored."""
+        fields = {
+            "type": "input",
+            "subfolder": subfolder,
+            "overwrite": "true" if overwrite else "false",
+        }
+        if mask_of is not None:
+            fields.update({f"original_{key}": value for key, value in mask_of.items()})
+        what = "POST /v1/comfyui/uploads"
+        timeout = self._timeout(None)
+        with self._converted(what, timeout):
+            response = await self._client().post(
+                "/v1/comfyui/uploads",
+                data=fields,
+                files={"image": (filename, data, "application/octet-stream")},
+                timeout=timeout,
+            )
+        self._raise_for_status(response)
+        return self._parse(response, UploadResult)
 
     async def prompt(self, prompt_id: str) -> PromptInfo | None:
         """The agent's view of a prompt, or None when it tracks no such prompt."""

@@ -23,11 +23,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from controller import __version__
+from controller.access import AccessPolicy, ClientRequestsCollector, access_middleware
 from controller.dashboard import DASHBOARD_PREFIX, browser_redirect_middleware, create_dashboard
 from controller.domain.selection import AUTO_INTENTS
 from controller.domain.types import LlmRequest, Task
 from controller.engine import Engine
 from controller.errors import AgentError, IdempotencyKeyReused
+from controller.image_inputs import FORM_SCHEMA, NewInput, digest_inputs, read_submission
 from controller.llm_fields import (
     CONSTRAINT_HEADERS,
     check_constraint_types,
@@ -58,9 +60,9 @@ from controller.schema import (
 from controller.store import JobRecord
 from gpu_common import clock
 from gpu_common.errors import BadRequest, Conflict, NotFound
+from gpu_common.forms import is_form
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import (
-    auth_middleware,
     check_workflow,
     error_middleware,
     parse_json,
@@ -250,7 +252,14 @@ def _job_id(request: web.Request) -> str:
 
 async def submit_image(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    body = await read_model(request, ImageSubmit)
+    inputs: list[NewInput] = []
+    if is_form(request):
+        # A job with input pictures comes as a form (see controller.image_inputs).
+        body, inputs = await read_submission(
+            request, engine.input_limits, max_job_bytes=engine.settings.max_body_bytes
+        )
+    else:
+        body = await read_model(request, ImageSubmit)
     if not body.workflow:
         raise BadRequest("workflow must have at least one node")
     check_workflow(body.workflow)
@@ -258,10 +267,10 @@ async def submit_image(request: web.Request) -> web.Response:
     idempotency_key = _idempotency_key(request)
     if idempotency_key is None:
         record = await engine.images.submit(
-            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority
+            body.workflow, vram_hint_bytes=body.vram_bytes, priority=body.priority, inputs=inputs
         )
     else:
-        record = await _submit_once(engine, idempotency_key, body)
+        record = await _submit_once(engine, idempotency_key, body, inputs)
     response = _json(engine.images.info(record), status=202)
     response.headers["Location"] = f"/v1/images/{record.job_id}"
     if record.state == "held":
@@ -333,13 +342,18 @@ def _sf_string(raw: str) -> str:
     raise BadRequest("Idempotency-Key: the string has no closing quote")
 
 
-async def _submit_once(engine: Engine, key: str, body: ImageSubmit) -> JobRecord:
+async def _submit_once(
+    engine: Engine, key: str, body: ImageSubmit, inputs: list[NewInput]
+) -> JobRecord:
     """The job for `key`: made now for a new key, the one made before for a repeated request.
 
     The same key with a different request is refused (422), and so is a repeat while the
     first request with that key is still being served (409), as the IETF draft says."""
+    request = body.model_dump(mode="json")
+    if inputs:
+        request["inputs"] = digest_inputs(inputs)
     digest = hashlib.sha256(
-        json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        json.dumps(request, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     claim = await engine.store.claim_key(
         key,
@@ -365,6 +379,7 @@ async def _submit_once(engine: Engine, key: str, body: ImageSubmit) -> JobRecord
             vram_hint_bytes=body.vram_bytes,
             priority=body.priority,
             idempotency_key=key,
+            inputs=inputs,
         )
     except BaseException:
         await engine.store.release_key(key)
@@ -440,6 +455,12 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
     """
     settings = engine.settings
     policy = HostPolicy(settings.allowed_hosts, bind_host=settings.host)
+    # Who may come in (tokens, named clients, trusted networks): see controller.access.
+    access = AccessPolicy(
+        token=token,
+        clients={client.name: client.secret() for client in settings.clients},
+        trusted_networks=settings.trusted_networks,
+    )
     app = web.Application(
         client_max_size=max_body_bytes,
         middlewares=[
@@ -447,11 +468,12 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
             host_check_middleware(policy),
             browser_redirect_middleware,
             # The dashboard exchanges the token for a session cookie; it checks that itself.
-            auth_middleware(token, own_auth_prefixes=(DASHBOARD_PREFIX,)),
+            access_middleware(access, own_auth_prefixes=(DASHBOARD_PREFIX,)),
         ],
     )
     app[ENGINE_KEY] = engine
     app[REGISTRY_KEY] = make_registry(engine)
+    app[REGISTRY_KEY].register(ClientRequestsCollector(access))
     router = app.router
     router.add_get("/healthz", healthz)
     router.add_get("/metrics", metrics)
@@ -481,7 +503,7 @@ def create_app(engine: Engine, *, token: str | None, max_body_bytes: int) -> web
             "Schedules LLM requests (Ollama-compatible /api/*) and ComfyUI image jobs across "
             "GPU agents."
         ),
-        token_required=token is not None,
+        token_required=not access.open,
     )
     # A browser UI, not part of the API: the OpenAPI document leaves it out.
     app.add_subapp(DASHBOARD_PREFIX, create_dashboard(engine, token=token))
@@ -564,11 +586,14 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("GET", "/api/version"): RouteDoc("Ollama version", response=OllamaVersion, errors=()),
     ("POST", "/v1/images"): RouteDoc(
         "Submit an image job (a ComfyUI workflow in API format); with an Idempotency-Key, "
-        "the same key returns the same job",
+        "the same key returns the same job. With input pictures (img2img, inpainting), as "
+        "multipart/form-data: the JSON in 'job', each picture in 'image' or 'mask' named as "
+        "the workflow's LoadImage or LoadImageMask names it",
         request=ImageSubmit,
+        form=FORM_SCHEMA,
         response=ImageJobInfo,
         status=202,
-        errors=(400, 404, 409, 422),
+        errors=(400, 404, 409, 413, 422),
         params=(
             Param(
                 "Idempotency-Key",

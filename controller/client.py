@@ -29,7 +29,7 @@ import email.utils
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -563,6 +563,9 @@ class StudioClient:
         priority: int = 0,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        masks: Mapping[str, bytes] | None = None,
+        mask_of: Mapping[str, str] | None = None,
     ) -> ImageJob: ...
 
     @overload
@@ -575,6 +578,9 @@ class StudioClient:
         priority: int = 0,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        masks: Mapping[str, bytes] | None = None,
+        mask_of: Mapping[str, str] | None = None,
     ) -> list[bytes]: ...
 
     @overload
@@ -587,6 +593,9 @@ class StudioClient:
         priority: int = 0,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        masks: Mapping[str, bytes] | None = None,
+        mask_of: Mapping[str, str] | None = None,
     ) -> ImageJob | list[bytes]: ...
 
     async def generate_image(
@@ -598,6 +607,9 @@ class StudioClient:
         priority: int = 0,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        masks: Mapping[str, bytes] | None = None,
+        mask_of: Mapping[str, str] | None = None,
     ) -> ImageJob | list[bytes]:
         """Submit a ComfyUI workflow (API format) as an image job.
 
@@ -610,7 +622,13 @@ class StudioClient:
         With an `idempotency_key` (the IETF Idempotency-Key header) the submission is sent
         again after a timeout or a dropped connection too: the controller answers the same key
         with the same job, so a retried caller reattaches instead of submitting twice. The
-        handle's `retry_after_s` is the controller's hint for asking again about a held job."""
+        handle's `retry_after_s` is the controller's hint for asking again about a held job.
+
+        `inputs` are input pictures (PNG, JPEG or WebP) by the name the workflow's LoadImage or
+        LoadImageMask node gives them (`"image": "sketch.png"` takes `inputs={"sketch.png":
+        data}`); `masks` are masks named the same way, and `mask_of` paints a mask onto an input
+        picture as its alpha channel ({mask name: picture name}, ComfyUI's mask upload). They
+        go as one multipart request, stored with the job."""
         body: dict[str, Any] = {"workflow": workflow, "priority": priority}
         if vram_bytes is not None:
             body["vram_bytes"] = vram_bytes
@@ -619,7 +637,10 @@ class StudioClient:
         if idempotency_key is not None:
             headers = {"Idempotency-Key": _sf_string(idempotency_key)}
             policy = _Retry.IDEMPOTENT
-        response = await self._send("POST", "/v1/images", policy, body=body, headers=headers)
+        form = _image_form(body, inputs or {}, masks or {}, mask_of or {})
+        response = await self._send(
+            "POST", "/v1/images", policy, body=None if form else body, headers=headers, form=form
+        )
         job = ImageJob(self, _decoded(response, ImageJobInfo, "POST /v1/images"))
         job.retry_after_s = _retry_after_s(response.headers.get("Retry-After"), clock.utc_now())
         if not wait:
@@ -670,8 +691,10 @@ class StudioClient:
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
+        form: _Form | None = None,
     ) -> httpx.Response:
         """One request, sent again as `policy` allows; a 2xx response or an error raised.
+        `form` (text fields, files) goes as `multipart/form-data` instead of a JSON `body`.
 
         Streamed and generation responses come back open, for the caller to read and close."""
         stream = stream or policy is _Retry.GENERATION
@@ -710,7 +733,7 @@ class StudioClient:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._send_once(method, path, body, headers, stream)
+                return await self._send_once(method, path, body, headers, stream, form)
         raise AssertionError("unreachable: tenacity returns or raises")
 
     async def _send_once(
@@ -720,9 +743,16 @@ class StudioClient:
         body: dict[str, Any] | None,
         headers: dict[str, str] | None,
         stream: bool,
+        form: _Form | None = None,
     ) -> httpx.Response:
         what = f"{method} {path}"
-        request = self._http.build_request(method, path, json=body, headers=headers)
+        if form is not None:
+            fields, files = form
+            request = self._http.build_request(
+                method, path, data=fields, files=files, headers=headers
+            )
+        else:
+            request = self._http.build_request(method, path, json=body, headers=headers)
         with _converted(what):
             response = await self._http.send(request, stream=stream)
         if response.is_success:
@@ -745,6 +775,32 @@ class StudioClient:
             raise StudioProtocolError(f"output URL {url!r} is not a path on the controller")
         response = await self._send("GET", url, _Retry.IDEMPOTENT)
         return response.content
+
+
+# A multipart body: text fields, and (field, (file name, bytes, type)) per file.
+_Form = tuple[dict[str, str], list[tuple[str, tuple[str, bytes, str]]]]
+
+
+def _image_form(
+    body: dict[str, Any],
+    inputs: Mapping[str, bytes],
+    masks: Mapping[str, bytes],
+    mask_of: Mapping[str, str],
+) -> _Form | None:
+    """The multipart form of a job with input pictures; None for a job without any."""
+    if not inputs and not masks:
+        if mask_of:
+            raise ValueError("mask_of names masks, but no masks were given")
+        return None
+    fields = {"job": json.dumps(body)}
+    if mask_of:
+        fields["mask_of"] = json.dumps(dict(mask_of))
+    files = [
+        (field, (name, data, "application/octet-stream"))
+        for field, pictures in (("image", inputs), ("mask", masks))
+        for name, data in pictures.items()
+    ]
+    return fields, files
 
 
 def _sf_string(value: str) -> str:

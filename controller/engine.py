@@ -20,6 +20,7 @@ from datetime import datetime
 from controller.agents import AgentLink
 from controller.domain.types import AgentState, ModelProfile
 from controller.fleet import Fleet
+from controller.image_inputs import InputFiles, InputLimits
 from controller.images import ImageScheduler
 from controller.knowledge import Knowledge
 from controller.llm import LlmRouter
@@ -106,6 +107,12 @@ class Engine:
             outputs_dir=settings.data_dir / "outputs",
             tick_interval_s=settings.tick_interval_s,
             max_attempts=settings.max_image_attempts,
+            inputs=InputFiles(settings.data_dir / "inputs"),
+        )
+        self.input_limits = InputLimits(
+            max_bytes=settings.max_input_bytes,
+            max_pixels=settings.max_input_pixels,
+            max_count=settings.max_inputs,
         )
 
     @property

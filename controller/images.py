@@ -8,6 +8,10 @@ an agent restart or a controller restart never loses a job. The prompt id sent t
 fixed per attempt (`attempt_prompt_id`) and the agent looks it up in ComfyUI before posting it
 again, so no attempt runs twice.
 
+A job's input pictures (img2img, inpainting) are kept by `InputFiles` in the data folder and
+uploaded to the agent's ComfyUI at every submission (`controller.image_inputs`), the workflow
+then naming the files ComfyUI stored; a job retried after a restart uploads them again.
+
 What each event does to a job is decided in the core (`controller.domain.image_jobs.transition`)
 and returned as actions; this module gathers the events, performs the actions and keeps one
 `TrackedJob` per unfinished job.
@@ -22,12 +26,13 @@ import logging
 import math
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from controller.agents import AgentLink
 from controller.domain.admission import Admit, plan_images
 from controller.domain.footprints import ImageKey
 from controller.domain.image_jobs import (
@@ -43,6 +48,7 @@ from controller.domain.image_jobs import (
     GiveBack,
     GrowFootprint,
     ImageJobState,
+    InputsUnusable,
     JobUpdate,
     PromptNews,
     ReleaseRun,
@@ -54,6 +60,7 @@ from controller.domain.image_jobs import (
     SubmitAnswered,
     Transition,
     Unplaceable,
+    UploadInputs,
     WorkflowRejected,
     oom_footprint,
     transition,
@@ -62,6 +69,7 @@ from controller.domain.types import ImageJob, PolicyConfig, RunningImage
 from controller.domain.workflows import image_key
 from controller.errors import AgentError, AgentRejected
 from controller.fleet import Fleet
+from controller.image_inputs import InputFiles, InputUnusable, NewInput, describe, upload_inputs
 from controller.knowledge import Knowledge
 from controller.pulse import Pulse
 from controller.schema import ImageJobInfo, ProgressInfo
@@ -131,6 +139,7 @@ def _view(record: JobRecord, *, cancelling: bool = False) -> ImageJobState:
         family=record.family,
         prompt_id=attempt_prompt_id(record),
         cancelling=cancelling,
+        inputs=len(record.inputs),
     )
 
 
@@ -161,6 +170,7 @@ class ImageScheduler:
         outputs_dir: Path,
         tick_interval_s: float,
         max_attempts: int,
+        inputs: InputFiles | None = None,
     ) -> None:
         self._store = store
         self._fleet = fleet
@@ -174,6 +184,7 @@ class ImageScheduler:
         self._tick_interval_s = tick_interval_s
         self._max_attempts = max_attempts
         self.outputs_dir = outputs_dir
+        self.inputs = inputs or InputFiles(outputs_dir.parent / "inputs")
         self._jobs: dict[str, TrackedJob] = {}
         # Which job each prompt id sent to an agent belongs to.
         self._by_prompt: dict[str, str] = {}
@@ -297,6 +308,7 @@ class ImageScheduler:
             priority=record.priority,
             progress=progress,
             outputs=[f"/v1/images/{record.job_id}/outputs/{n}" for n in range(len(record.outputs))],
+            inputs=[item.name for item in record.inputs],
             error=record.error,
             attempts=record.attempts,
             vram_bytes=record.peak_bytes or self.expected_peak(record),
@@ -333,18 +345,23 @@ class ImageScheduler:
         vram_hint_bytes: int | None,
         priority: int,
         idempotency_key: str | None = None,
+        inputs: Sequence[NewInput] = (),
     ) -> JobRecord:
         """Store a new job, held until the admission policy places it; `BadRequest` for a
-        workflow whose nodes are malformed. A claimed `idempotency_key` is bound to the job as
-        it is stored."""
+        workflow whose nodes are malformed. Its input pictures (checked by the caller) are
+        made durable before the job is; a claimed `idempotency_key` is bound to the job as it
+        is stored."""
         for node_id, node in workflow.items():
             if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
                 raise BadRequest(f"workflow node {node_id!r} has no class_type")
             if not isinstance(node.get("inputs", {}), dict):
                 raise BadRequest(f"workflow node {node_id!r}: inputs must be an object")
         key = image_key(workflow)
+        if inputs:
+            await self.inputs.save(inputs)
         record = await self._store.create(
             workflow=workflow,
+            inputs=[item.stored for item in inputs],
             vram_hint_bytes=vram_hint_bytes,
             priority=priority,
             reason="waiting for GPU memory",
@@ -359,7 +376,12 @@ class ImageScheduler:
         self._counts[record.state] += 1
         peak, source = self._knowledge.image_peak(key, vram_hint_bytes)
         log.info(
-            "image job %s accepted: %s, %d bytes (%s)", record.job_id, key.encode(), peak, source
+            "image job %s accepted: %s, %d bytes (%s); inputs: %s",
+            record.job_id,
+            key.encode(),
+            peak,
+            source,
+            describe(record.inputs),
         )
         self._pulse.fire()
         self.changes.fire()
@@ -646,7 +668,14 @@ class ImageScheduler:
             if not _has(change, Submit):
                 await self._carry_out(self._latest(record), change)
                 return
-            prompt = await link.submit(record.workflow, attempt_prompt_id(record))
+            workflow = record.workflow
+            if _has(change, UploadInputs):
+                workflow = await self._with_inputs(link, record)
+            prompt = await link.submit(workflow, attempt_prompt_id(record))
+        except InputUnusable as exc:
+            lost = InputsUnusable(str(exc))
+            await self._carry_out(self._latest(record), self._decide(record.job_id, lost))
+            return
         except AgentRejected as exc:
             event: Event
             if exc.status == 400:
@@ -670,6 +699,17 @@ class ImageScheduler:
             with contextlib.suppress(AgentError):
                 prompt = await link.cancel(attempt_prompt_id(record))
         await self._apply(record.job_id, admit.agent, prompt)
+
+    async def _with_inputs(self, link: AgentLink, record: JobRecord) -> dict[str, Any]:
+        """The job's workflow once its pictures are on `link`'s ComfyUI, naming them."""
+        workflow = await upload_inputs(link, self.inputs, record.workflow, record.inputs)
+        log.info(
+            "uploaded %d input picture(s) of image job %s to %s",
+            len(record.inputs),
+            record.job_id,
+            link.name,
+        )
+        return workflow
 
     def _latest(self, record: JobRecord) -> JobRecord:
         """The job's latest record: the tracked one, else (the job ended) `record`."""
@@ -758,8 +798,16 @@ class ImageScheduler:
                 prompt = await link.prompt(attempt_prompt_id(record))
                 if prompt is None:
                     # The agent restarted and forgot it; the same id again is safe (it asks
-                    # ComfyUI first), and runs it only if ComfyUI never had it.
-                    prompt = await link.submit(record.workflow, attempt_prompt_id(record))
+                    # ComfyUI first), and runs it only if ComfyUI never had it. Its pictures
+                    # go up again first: a restarted ComfyUI may have lost its input folder.
+                    workflow = record.workflow
+                    if record.inputs:
+                        workflow = await self._with_inputs(link, record)
+                    prompt = await link.submit(workflow, attempt_prompt_id(record))
+            except InputUnusable as exc:
+                lost = InputsUnusable(str(exc))
+                await self._carry_out(self._latest(record), self._decide(record.job_id, lost))
+                continue
             except AgentRejected as exc:
                 rejected = WorkflowRejected(record.agent, exc.agent_message)
                 await self._carry_out(self._latest(record), self._decide(record.job_id, rejected))

@@ -100,6 +100,9 @@ class ImageJobInfo(WireModel):
     priority: int
     progress: ProgressInfo | None
     outputs: list[str] = Field(description="URLs of the output files, in order")
+    inputs: list[str] = Field(
+        default_factory=list, description="names of the job's input pictures, as uploaded"
+    )
     error: str | None
     attempts: int
     vram_bytes: int | None = Field(description="the peak GPU memory the job was admitted with")

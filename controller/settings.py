@@ -14,6 +14,7 @@ services have, are shared with the agent (`gpu_common.layered_settings`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections import Counter
@@ -37,6 +38,7 @@ from gpu_common.layered_settings import (
     EXIT_BAD_CONFIG,
     ServiceSettings,
     check_base_url,
+    read_token_file,
     strip_secret,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "ENV_PREFIX",
     "EXIT_BAD_CONFIG",
     "AgentEndpoint",
+    "ClientToken",
     "ControllerSettings",
     "agent_name_from_url",
     "load_settings",
@@ -82,6 +85,19 @@ class AgentEndpoint(BaseModel):
     token: SecretStr | None = Field(
         default=None, description="The agent's bearer token; default: GPU_AGENT_TOKEN."
     )
+    token_file: Path | None = Field(
+        default=None, description="A file holding the agent's bearer token, instead of token."
+    )
+
+    _file_token: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> AgentEndpoint:
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ValueError("set token or token_file, not both")
+            self._file_token = read_token_file(self.token_file.expanduser())
+        return self
 
     @field_validator("name", mode="before")
     @classmethod
@@ -97,6 +113,42 @@ class AgentEndpoint(BaseModel):
     @classmethod
     def _strip_token(cls, value: object) -> object:
         return strip_secret(value)
+
+
+class ClientToken(BaseModel):
+    """One studio tool's own token: `[[clients]]` in the TOML file. Each tool gets its own, so
+    one can be revoked alone, and `/metrics` counts requests per client name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        pattern=AGENT_NAME_PATTERN, description="The tool's name, as /metrics labels its requests."
+    )
+    token: SecretStr | None = Field(default=None, description="Its bearer token.")
+    token_file: Path | None = Field(
+        default=None, description="A file holding its bearer token (read once, stripped)."
+    )
+
+    _file_token: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _strip_token(cls, value: object) -> object:
+        return strip_secret(value)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ClientToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token and token_file")
+        if self.token_file is not None:
+            self._file_token = read_token_file(self.token_file.expanduser())
+        return self
+
+    def secret(self) -> str:
+        """The token this client sends."""
+        token = self.token if self.token is not None else self._file_token
+        assert token is not None  # one of them is set, checked at construction
+        return token.get_secret_value()
 
 
 def agent_name_from_url(url: str) -> str:
@@ -193,6 +245,32 @@ class ControllerSettings(ServiceSettings):
     max_body_bytes: int = Field(
         default=16 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
+    clients: list[ClientToken] = Field(
+        default_factory=list,
+        description="Named tokens, one per studio tool, each accepted like `token`.",
+    )
+    trusted_networks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "CIDRs (e.g. 192.168.1.0/24) whose clients may use the LLM routes (/api/*, the "
+            "OpenAI routes) without a token; everything that changes state still needs one."
+        ),
+    )
+    max_input_bytes: int = Field(
+        default=32 * _MIB,
+        ge=1024,
+        le=_GIB,
+        description="Largest input picture of an image job (PNG, JPEG or WebP).",
+    )
+    max_input_pixels: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        le=16384 * 16384,
+        description="Most pixels (width x height) an input picture may have.",
+    )
+    max_inputs: int = Field(
+        default=8, ge=1, le=64, description="Most input pictures one image job may carry."
+    )
 
     _shared_agent_token: SecretStr | None = PrivateAttr(default=None)
 
@@ -200,6 +278,21 @@ class ControllerSettings(ServiceSettings):
     @classmethod
     def _expand_user(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        networks = []
+        for entry in value:
+            text = entry.strip()
+            if "/" not in text:
+                raise ValueError(f"{entry!r} needs its prefix length, e.g. {text}/32")
+            try:
+                network = ipaddress.ip_network(text, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not a network: {exc}") from None
+            networks.append(str(network))
+        return networks
 
     @model_validator(mode="after")
     def _read_shared_agent_token(self) -> ControllerSettings:
@@ -209,20 +302,34 @@ class ControllerSettings(ServiceSettings):
         return self
 
     def cross_field_problems(self) -> list[str]:
-        """Agent names must be unique: they key the API, the logs and the metrics."""
-        counts = Counter(agent.name for agent in self.agents)
-        duplicates = sorted(name for name, count in counts.items() if count > 1)
-        if duplicates:
-            return [
-                f"agents: names must be unique; {', '.join(map(repr, duplicates))} "
-                f"given more than once (name each [[agents]] entry differently)"
-            ]
-        return []
+        """Agent and client names must be unique (they key the API, the logs and the metrics),
+        and so must every token."""
+        problems = []
+        for field, names in (
+            ("agents", [agent.name for agent in self.agents]),
+            ("clients", [client.name for client in self.clients]),
+        ):
+            counts = Counter(names)
+            duplicates = sorted(name for name, count in counts.items() if count > 1)
+            if duplicates:
+                problems.append(
+                    f"{field}: names must be unique; {', '.join(map(repr, duplicates))} "
+                    f"given more than once (name each [[{field}]] entry differently)"
+                )
+        secrets = [client.secret() for client in self.clients]
+        if self.effective_token() is not None:
+            secrets.append(self.effective_token() or "")
+        if len(set(secrets)) != len(secrets):
+            problems.append("clients: every client needs a token of its own (two are the same)")
+        return problems
 
     def agent_token(self, endpoint: AgentEndpoint) -> str | None:
-        """The token to send to `endpoint`: its own, else `GPU_AGENT_TOKEN`, else None."""
+        """The token to send to `endpoint`: its own (or its file's), else `GPU_AGENT_TOKEN`,
+        else None."""
         if endpoint.token is not None:
             return endpoint.token.get_secret_value()
+        if endpoint._file_token is not None:
+            return endpoint._file_token.get_secret_value()
         if self._shared_agent_token is not None:
             return self._shared_agent_token.get_secret_value()
         return None

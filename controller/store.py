@@ -115,6 +115,11 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX idempotency_keys_by_claimed ON idempotency_keys (claimed_at)",
     ),
+    (
+        # A job's input pictures: a JSON list of `StoredInput`s, whose files are kept by content
+        # hash in the data folder (written before the job's row).
+        "ALTER TABLE jobs ADD COLUMN inputs TEXT NOT NULL DEFAULT '[]'",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -138,6 +143,7 @@ _COLUMN_NAMES: Final = (
     "height",
     "batch",
     "peak_bytes",
+    "inputs",
 )
 _COLUMNS: Final = ", ".join(_COLUMN_NAMES)
 
@@ -157,8 +163,46 @@ UNSET: Final = Unset.UNSET
 
 
 @dataclass(frozen=True)
+class StoredInput:
+    """One input picture of a job: the name the workflow gives it, the SHA-256 and format of
+    its file (kept once per content in the data folder), whether it is a mask, and the input
+    a mask is painted onto."""
+
+    name: str
+    sha256: str
+    format: str
+    kind: Literal["image", "mask"] = "image"
+    mask_of: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """As stored, in the job's JSON list."""
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "format": self.format,
+            "kind": self.kind,
+            "mask_of": self.mask_of,
+        }
+
+    @classmethod
+    def from_wire(cls, value: Mapping[str, Any]) -> StoredInput:
+        """Read back from the job's JSON list."""
+        kind = value.get("kind", "image")
+        if kind not in ("image", "mask"):
+            raise ValueError(f"unknown input kind {kind!r}")
+        return cls(
+            name=str(value["name"]),
+            sha256=str(value["sha256"]),
+            format=str(value["format"]),
+            kind=kind,
+            mask_of=value.get("mask_of"),
+        )
+
+
+@dataclass(frozen=True)
 class JobRecord:
-    """One image job as stored. Datetimes are UTC; `outputs` are file names, in order."""
+    """One image job as stored. Datetimes are UTC; `outputs` are file names, in order; `inputs`
+    its input pictures."""
 
     job_id: str
     prompt_id: str
@@ -179,6 +223,7 @@ class JobRecord:
     height: int | None
     batch: int | None
     peak_bytes: int | None
+    inputs: tuple[StoredInput, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -262,6 +307,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         height=row["height"],
         batch=row["batch"],
         peak_bytes=row["peak_bytes"],
+        inputs=tuple(StoredInput.from_wire(item) for item in json.loads(row["inputs"])),
     )
 
 
@@ -319,6 +365,7 @@ class JobStore:
         width: int | None = None,
         height: int | None = None,
         batch: int | None = None,
+        inputs: Sequence[StoredInput] = (),
         now: datetime,
         idempotency_key: str | None = None,
     ) -> JobRecord:
@@ -352,6 +399,7 @@ class JobStore:
             height=height,
             batch=batch,
             peak_bytes=None,
+            inputs=tuple(inputs),
         )
         values: dict[str, Any] = {
             **{name: getattr(record, name) for name in _COLUMN_NAMES},
@@ -359,6 +407,7 @@ class JobStore:
             "created_at": stamp,
             "updated_at": stamp,
             "outputs": _to_json([]),
+            "inputs": _to_json([item.wire() for item in inputs]),
         }
         marks = ", ".join(f":{name}" for name in _COLUMN_NAMES)
         with self._transaction("create job") as conn:
@@ -663,6 +712,7 @@ class AsyncJobStore:
         width: int | None = None,
         height: int | None = None,
         batch: int | None = None,
+        inputs: Sequence[StoredInput] = (),
         now: datetime,
         idempotency_key: str | None = None,
     ) -> JobRecord:
@@ -678,6 +728,7 @@ class AsyncJobStore:
                 width=width,
                 height=height,
                 batch=batch,
+                inputs=inputs,
                 now=now,
                 idempotency_key=idempotency_key,
             )

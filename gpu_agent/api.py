@@ -33,6 +33,7 @@ from gpu_agent.errors import (
 from gpu_agent.metrics import make_registry, render
 from gpu_agent.service import AgentService
 from gpu_common.errors import BadRequest, NotFound
+from gpu_common.forms import read_form
 from gpu_common.hosts import HostPolicy, host_check_middleware
 from gpu_common.http import auth_middleware, check_workflow, error_middleware, read_model
 from gpu_common.openai_schema import (
@@ -55,6 +56,7 @@ from gpu_common.schema import (
     PromptSubmit,
     UnloadRequest,
     UnloadResult,
+    UploadResult,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ SERVICE_KEY = web.AppKey("service", AgentService)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 EVENT_STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet[web.WebSocketResponse])
 PASSTHROUGH_KEY = web.AppKey("passthrough", aiohttp.ClientSession)
+MAX_UPLOAD_KEY = web.AppKey("max_upload_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -71,6 +74,17 @@ M = TypeVar("M", bound=BaseModel)
 _PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The largest output index documented; larger ones name no output either (404).
 _MAX_OUTPUT_INDEX = 2**31 - 1
+# A file name ComfyUI is given: no folder part, no leading dot, nothing a shell or URL minds.
+_UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. ()-]{0,127}$")
+# A subfolder under ComfyUI's folder: names separated by "/", none of them "." or "..".
+_SUBFOLDER = re.compile(
+    r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63})*)?$"
+)
+_UPLOAD_TYPES = ("input", "output", "temp")
+_UPLOAD_FIELDS = frozenset(
+    {"image", "type", "subfolder", "overwrite"}
+    | {"original_filename", "original_subfolder", "original_type"}
+)
 # A path under /api/ may hold no "." or ".." segment.
 _DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 # Ollama endpoints whose requests name a model and occupy it while they run.
@@ -223,6 +237,66 @@ async def get_output(request: web.Request) -> web.Response:
     )
 
 
+async def comfyui_upload(request: web.Request) -> web.Response:
+    """A picture for ComfyUI, with ComfyUI's own upload semantics (type, subfolder, overwrite,
+    a new name on a clash); with `original_filename` it goes to `/upload/mask`, onto that
+    original."""
+    limit = request.app[MAX_UPLOAD_KEY]
+    form = await read_form(
+        request,
+        max_file_bytes=limit,
+        max_files=1,
+        max_total_bytes=limit * 2,
+        fields=_UPLOAD_FIELDS,
+    )
+    image = next((f for f in form.files if f.field == "image"), None)
+    if image is None:
+        raise BadRequest("the form needs a file in the field 'image'")
+    if not _UPLOAD_NAME.match(image.filename):
+        raise BadRequest(
+            "the file name must be 1 to 128 letters, digits, ' ', '_', '.', '(', ')' or '-', "
+            "not starting with '.'"
+        )
+    folder_type = form.fields.get("type", "input")
+    if folder_type not in _UPLOAD_TYPES:
+        raise BadRequest(f"type must be one of {', '.join(_UPLOAD_TYPES)}")
+    subfolder = form.fields.get("subfolder", "")
+    if not _SUBFOLDER.match(subfolder):
+        raise BadRequest("subfolder must be folder names separated by '/', without '.' or '..'")
+    overwrite = form.fields.get("overwrite", "false")
+    if overwrite not in ("true", "false"):
+        raise BadRequest("overwrite must be 'true' or 'false'")
+    mask_of = _original(form.fields)
+    result = await request.app[SERVICE_KEY].upload(
+        image.data,
+        image.filename,
+        mask_of=mask_of,
+        folder_type=folder_type,
+        subfolder=subfolder,
+        overwrite=overwrite == "true",
+        content_type=image.content_type,
+    )
+    return _json(result)
+
+
+def _original(fields: dict[str, str]) -> dict[str, str] | None:
+    """The picture a mask goes onto (`original_filename`, `original_subfolder`,
+    `original_type`); None for a plain upload (no `original_filename`)."""
+    filename = fields.get("original_filename")
+    subfolder = fields.get("original_subfolder", "")
+    folder_type = fields.get("original_type", "input")
+    # Each is checked whenever it is given, with or without a filename.
+    if filename is not None and not _UPLOAD_NAME.match(filename):
+        raise BadRequest("original_filename must be a plain file name")
+    if not _SUBFOLDER.match(subfolder):
+        raise BadRequest("original_subfolder must be folder names separated by '/'")
+    if folder_type not in _UPLOAD_TYPES:
+        raise BadRequest(f"original_type must be one of {', '.join(_UPLOAD_TYPES)}")
+    if filename is None:
+        return None
+    return {"filename": filename, "subfolder": subfolder, "type": folder_type}
+
+
 async def comfyui_free(request: web.Request) -> web.Response:
     raw = await request.read()
     body = FreeRequest() if not raw else await read_model(request, FreeRequest)
@@ -363,6 +437,7 @@ def create_app(
     *,
     token: str | None,
     max_body_bytes: int,
+    max_upload_bytes: int = 32 * 1024 * 1024,
     allowed_hosts: Iterable[str] = (),
     bind_host: str | None = None,
 ) -> web.Application:
@@ -381,6 +456,7 @@ def create_app(
         ],
     )
     app[SERVICE_KEY] = service
+    app[MAX_UPLOAD_KEY] = max_upload_bytes
     app[REGISTRY_KEY] = make_registry(service)
     app[EVENT_STREAMS_KEY] = weakref.WeakSet()
     app.on_shutdown.append(_close_event_streams)
@@ -394,6 +470,7 @@ def create_app(
     app.router.add_get("/v1/comfyui/prompts/{prompt_id}", get_prompt)
     app.router.add_delete("/v1/comfyui/prompts/{prompt_id}", cancel_prompt)
     app.router.add_get("/v1/comfyui/prompts/{prompt_id}/outputs/{index}", get_output)
+    app.router.add_post("/v1/comfyui/uploads", comfyui_upload)
     app.router.add_post("/v1/comfyui/free", comfyui_free)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/api/{tail:.*}", ollama_passthrough)
@@ -481,6 +558,31 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         content_type="*/*",
         errors=(400, 404, 502, 503),
         params=(_PROMPT_ID_PARAM, _OUTPUT_INDEX_PARAM),
+    ),
+    ("POST", "/v1/comfyui/uploads"): RouteDoc(
+        "Upload a picture to ComfyUI with its semantics (a name taken by another file becomes "
+        "'name (1).ext'; the same file again keeps its name); with original_filename, onto "
+        "that original as its alpha channel (ComfyUI's /upload/mask)",
+        response=UploadResult,
+        errors=(400, 413, 502, 503),
+        form={
+            "type": "object",
+            "required": ["image"],
+            "additionalProperties": False,
+            "properties": {
+                "image": {"type": "string", "contentMediaType": "application/octet-stream"},
+                "type": {"type": "string", "enum": list(_UPLOAD_TYPES)},
+                "subfolder": {"type": "string", "pattern": _SUBFOLDER.pattern},
+                "overwrite": {"type": "string", "enum": ["true", "false"]},
+                "original_filename": {
+                    "type": "string",
+                    "pattern": _UPLOAD_NAME.pattern,
+                    "description": "a mask: the picture it is painted onto",
+                },
+                "original_subfolder": {"type": "string", "pattern": _SUBFOLDER.pattern},
+                "original_type": {"type": "string", "enum": list(_UPLOAD_TYPES)},
+            },
+        },
     ),
     ("POST", "/v1/comfyui/free"): RouteDoc(
         "Free ComfyUI's memory; answers once it is released (empty body: free everything)",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import uuid
@@ -55,11 +56,12 @@ from gpu_agent.errors import (
     ComfyUIUnavailable,
     OutputNotFound,
     PromptNotFound,
+    UploadRejected,
     WorkflowRejected,
 )
 from gpu_common import clock
 from gpu_common.backoff import Backoff
-from gpu_common.schema import FINAL_STATES, PromptState
+from gpu_common.schema import FINAL_STATES, PromptState, UploadResult
 
 __all__ = [
     "FINAL_STATES",
@@ -345,6 +347,43 @@ class ComfyUIController:
         content_type = response.headers.get("content-type", "application/octet-stream")
         return response.content, item.filename, content_type.split(";")[0].strip()
 
+    async def upload(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        mask_of: Mapping[str, str] | None = None,
+        folder_type: str = "input",
+        subfolder: str = "",
+        overwrite: bool = False,
+        content_type: str = "application/octet-stream",
+    ) -> UploadResult:
+        """Upload a picture with ComfyUI's semantics: `/upload/image`, or `/upload/mask` onto
+        the original `mask_of` names (`{filename, subfolder, type}`). Without `overwrite` a
+        name taken by another file becomes `name (1).ext`; the answer says what was chosen.
+
+        Raises `UploadRejected` for ComfyUI's 400 or 403, `ComfyUIUnavailable` otherwise."""
+        path = "/upload/image" if mask_of is None else "/upload/mask"
+        fields = {
+            "type": folder_type,
+            "subfolder": subfolder,
+            "overwrite": "true" if overwrite else "",
+        }
+        if mask_of is not None:
+            fields["original_ref"] = json.dumps(dict(mask_of))
+        files = {"image": (filename, data, content_type)}
+        response = await self._request("POST", path, data=fields, files=files)
+        if response.status_code in (400, 403):
+            raise UploadRejected(
+                f"ComfyUI refused the upload of {filename!r} to {path} "
+                f"({response.status_code}{': ' + response.text[:200] if response.text else ''})"
+            )
+        self._raise_for_status(response, f"POST {path}")
+        try:
+            return UploadResult.model_validate_json(response.content)
+        except ValueError as exc:
+            raise ComfyUIError(f"POST {path} answered {response.text[:200]!r}") from exc
+
     async def free(self, *, unload_models: bool = True, free_memory: bool = True) -> None:
         """Ask ComfyUI to unload models and/or empty its caches.
 
@@ -378,6 +417,8 @@ class ComfyUIController:
         json: Any = None,
         params: Mapping[str, str] | None = None,
         submitting: str | None = None,
+        data: Mapping[str, str] | None = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
     ) -> httpx.Response:
         """Send one request; every transport failure and 5xx becomes `ComfyUIUnavailable`.
 
@@ -388,7 +429,9 @@ class ComfyUIController:
         if self._http.is_closed:
             raise ComfyUIUnavailable(f"the ComfyUI adapter is stopped; cannot {what}")
         try:
-            response = await self._http.request(method, path, json=json, params=params)
+            response = await self._http.request(
+                method, path, json=json, params=params, data=data, files=files
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing was sent: the outcome is certain.
             raise ComfyUIUnavailable(

@@ -117,6 +117,7 @@ async def running_agent(
             service,
             token=settings.effective_token(),
             max_body_bytes=settings.max_body_bytes,
+            max_upload_bytes=settings.max_upload_bytes,
             allowed_hosts=settings.allowed_hosts,
             bind_host=settings.host,
         )

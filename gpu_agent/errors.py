@@ -132,6 +132,13 @@ class PromptNotFound(ComfyUIError):
         self.prompt_id = prompt_id
 
 
+class UploadRejected(ComfyUIError):
+    """ComfyUI refused an upload (400: no file name, a subfolder outside its folder)."""
+
+    code = "upload_rejected"
+    http_status = 400
+
+
 class OutputNotFound(ComfyUIError):
     """The requested output index does not exist, or ComfyUI no longer has the file."""
 

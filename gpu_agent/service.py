@@ -57,6 +57,7 @@ from gpu_common.schema import (
     TelemetryInfo,
     UnloadRequest,
     UnloadResult,
+    UploadResult,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ BUSY_POLL_S = 0.5
 RECOVERED_SHARE = 0.75
 # ComfyUI's torch allocator holding no more than this counts as "emptied".
 TORCH_EMPTY_BYTES = 64 * 1024**2
+# Devices whose memory ComfyUI reports as the machine's RAM (psutil), not as an allocator's:
+# on them nothing a /free does shows in those figures.
+RAM_DEVICE_TYPES = frozenset({"cpu", "mps"})
 # Subscribers that fall this far behind lose their oldest events.
 SUBSCRIBER_QUEUE = 256
 # Finished prompts listed in the status snapshot.
@@ -555,16 +559,46 @@ class AgentService:
         """Dequeue or interrupt the prompt; raises `PromptNotFound` for an id never submitted."""
         return prompt_info(await self.comfyui.cancel(prompt_id))
 
+    async def upload(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        mask_of: dict[str, str] | None,
+        folder_type: str,
+        subfolder: str,
+        overwrite: bool,
+        content_type: str,
+    ) -> UploadResult:
+        """Upload a picture to ComfyUI (`/upload/image`, or `/upload/mask` onto `mask_of`)."""
+        result = await self.comfyui.upload(
+            data,
+            filename,
+            mask_of=mask_of,
+            folder_type=folder_type,
+            subfolder=subfolder,
+            overwrite=overwrite,
+            content_type=content_type,
+        )
+        log.info("uploaded %s to ComfyUI as %s", filename, result.reference())
+        return result
+
     async def free(self, request: FreeRequest) -> FreeResult:
         """Ask ComfyUI to free memory and wait until it has: ComfyUI applies `/free` only after
-        the running prompt, so this can take as long as that prompt."""
+        the running prompt, so this can take as long as that prompt.
+
+        On a CPU (or Apple) device ComfyUI reports the machine's RAM as its memory, which no
+        `/free` gives back: there its own answer confirms the free, once no prompt runs."""
         started = self._clock()
         first = owner_bytes(await self.sampler.sample_now(), "comfyui")
         peak_nvml = first or 0
         peak_reserved = 0
+        stats = await self.comfyui.system_stats()
         await self.comfyui.free(
             unload_models=request.unload_models, free_memory=request.free_memory
         )
+        if _on_ram_device(stats):
+            return await self._free_confirmed_by_comfyui(started)
         deadline = clock.monotonic_s() + self.free_timeout_s
         while True:
             stats = await self.comfyui.system_stats()
@@ -595,6 +629,30 @@ class AgentService:
                     f"{held}its allocator still holds {reserved} bytes"
                 )
             await asyncio.sleep(BUSY_POLL_S if running else CONFIRM_POLL_S)
+
+    async def _free_confirmed_by_comfyui(self, started: float) -> FreeResult:
+        """ComfyUI took the /free (200); it applies it once the running prompt ends."""
+        deadline = clock.monotonic_s() + self.free_timeout_s
+        while True:
+            running, _ = await self.comfyui.queue_counts()
+            if running == 0:
+                return FreeResult(
+                    freed_bytes=0,
+                    wait_s=round(self._clock() - started, 4),
+                    confirmed_by="comfyui",
+                )
+            if clock.monotonic_s() >= deadline:
+                raise FreeTimeout(
+                    f"asked ComfyUI (on its CPU) to free memory {self._clock() - started:.1f} s "
+                    "ago, but a prompt is still running"
+                )
+            await asyncio.sleep(BUSY_POLL_S)
+
+
+def _on_ram_device(stats: dict[str, Any]) -> bool:
+    """Whether every device ComfyUI lists reports the machine's RAM (`--cpu`, Apple's mps)."""
+    devices = [d for d in stats.get("devices") or [] if isinstance(d, dict)]
+    return bool(devices) and all(d.get("type") in RAM_DEVICE_TYPES for d in devices)
 
 
 def _torch_reserved_bytes(stats: dict[str, Any]) -> int:

@@ -94,6 +94,12 @@ class AgentSettings(ServiceSettings):
     max_body_bytes: int = Field(
         default=8 * _MIB, ge=1024, le=_GIB, description="Largest request body the API accepts."
     )
+    max_upload_bytes: int = Field(
+        default=32 * _MIB,
+        ge=1024,
+        le=_GIB,
+        description="Largest picture the API takes for ComfyUI (POST /v1/comfyui/uploads).",
+    )
     data_dir: Path = Field(
         default=Path("/var/lib/gpu-agent"), description="Writable state directory."
     )

@@ -97,9 +97,11 @@ class RouteDoc:
     `content_types` when it can be several. `public`: no token needed. `errors`: the statuses it
     answers with an `ErrorResponse`, beyond 403, 405 and 500 (and 400 and 413 with a body, 401
     with a token). `params`: schemas of its path parameters and the headers it reads.
-    `retry_after`: the statuses whose answers may carry `Retry-After`. `passthrough`: it hands
-    on whatever Ollama answers, Ollama's own statuses and gin's plain-text 404 and 405 included.
-    The shape of its error bodies follows from its path (`gpu_common.error_shapes`).
+    `retry_after`: the statuses whose answers may carry `Retry-After`. `form`: the JSON Schema
+    of a `multipart/form-data` body the route takes (besides `request`'s JSON, if any).
+    `passthrough`: it hands on whatever Ollama answers, Ollama's own statuses and gin's
+    plain-text 404 and 405 included. The shape of its error bodies follows from its path
+    (`gpu_common.error_shapes`).
     """
 
     summary: str
@@ -115,6 +117,7 @@ class RouteDoc:
     params: tuple[Param, ...] = ()
     retry_after: tuple[int, ...] = ()
     passthrough: bool = False
+    form: Mapping[str, Any] | None = None
 
 
 def api_routes(app: web.Application) -> Iterator[web.AbstractRoute]:
@@ -210,13 +213,13 @@ def _operation(
     parameters = _parameters(path, doc)
     if parameters:
         operation["parameters"] = parameters
+    content: dict[str, Any] = {}
     if doc.request is not None:
-        operation["requestBody"] = {
-            "required": not doc.request_optional,
-            "content": {
-                "application/json": {"schema": {"$ref": refs[(doc.request, "validation")]}}
-            },
-        }
+        content["application/json"] = {"schema": {"$ref": refs[(doc.request, "validation")]}}
+    if doc.form is not None:
+        content["multipart/form-data"] = {"schema": dict(doc.form)}
+    if content:
+        operation["requestBody"] = {"required": not doc.request_optional, "content": content}
     success: dict[str, Any] = {"description": doc.summary}
     if doc.response is not None:
         schema = {"$ref": refs[(doc.response, "serialization")]}
@@ -227,7 +230,7 @@ def _operation(
         success["headers"] = {"Retry-After": dict(_RETRY_AFTER)}
     responses: dict[str, Any] = {str(doc.status): success}
     errors = set(doc.errors) | set(_ALWAYS)
-    if doc.request is not None:
+    if doc.request is not None or doc.form is not None:
         errors |= {400, 413}
     if token_required and not doc.public:
         errors.add(401)

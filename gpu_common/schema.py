@@ -352,6 +352,24 @@ class FreeRequest(RequestModel):
     free_memory: bool = True
 
 
+UploadType = Literal["input", "output", "temp"]
+
+
+class UploadResult(WireModel):
+    """Where ComfyUI put an uploaded picture (its `/upload/image` answer): the name it chose,
+    which differs from the name sent when another file had it, the subfolder and the folder."""
+
+    name: str
+    subfolder: str
+    type: UploadType
+
+    def reference(self) -> str:
+        """The file as LoadImage names it: `subfolder/name`, with ` [type]` unless it is in
+        the input folder (ComfyUI's annotated file path)."""
+        path = f"{self.subfolder}/{self.name}" if self.subfolder else self.name
+        return path if self.type == "input" else f"{path} [{self.type}]"
+
+
 class FreeResult(WireModel):
     """A finished free: the GPU memory that came back, how long it took, and what confirmed it."""
 

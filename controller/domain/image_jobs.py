@@ -36,7 +36,8 @@ class ImageJobState:
     """One unfinished image job as the transitions see it.
 
     `prompt_id` is ComfyUI's id for the current attempt; `cancelling` says the caller asked to
-    cancel a job that is out at an agent, which has not confirmed it yet.
+    cancel a job that is out at an agent, which has not confirmed it yet; `inputs` is how many
+    input pictures it carries (uploaded to the agent's ComfyUI before each submission).
     """
 
     job_id: str
@@ -47,6 +48,7 @@ class ImageJobState:
     family: str | None = None
     prompt_id: str = ""
     cancelling: bool = False
+    inputs: int = 0
 
     @property
     def final(self) -> bool:
@@ -107,6 +109,14 @@ class WorkflowRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class InputsUnusable:
+    """The job's input pictures cannot reach ComfyUI: the controller's copy is gone or damaged,
+    or the agent's ComfyUI refused the upload. Retrying cannot help."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentGone:
     """The job's agent is no longer configured."""
 
@@ -140,6 +150,7 @@ Event = (
     | SubmitAnswered
     | DispatchFailed
     | WorkflowRejected
+    | InputsUnusable
     | AgentGone
     | PromptNews
     | Requeue
@@ -181,6 +192,12 @@ class Dispatch:
 @dataclass(frozen=True, slots=True)
 class GiveBack:
     """Drop what the admission promised in the ledger: the job will not be dispatched."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInputs:
+    """Upload the job's input pictures to the agent's ComfyUI and name them in the workflow
+    that `Submit` sends (ComfyUI may rename a picture on upload)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +249,7 @@ Action = (
     Store
     | Dispatch
     | GiveBack
+    | UploadInputs
     | Submit
     | CancelAtAgent
     | FetchOutputs
@@ -296,6 +314,13 @@ def transition(
     if isinstance(event, RoomMade):
         if job.cancelling:
             return _end(job, "cancelled", CANCELLED_BY_CALLER, before=(ReleaseRun(event.agent),))
+        if job.inputs:
+            return _stay(
+                job,
+                f"room made on {event.agent}: uploading {job.inputs} input picture(s), "
+                "then submitting",
+                (UploadInputs(), Submit()),
+            )
         return _stay(job, f"room made on {event.agent}: submitting", (Submit(),))
     if isinstance(event, SubmitAnswered):
         if job.cancelling and event.state not in FINAL_PROMPT_STATES:
@@ -313,6 +338,11 @@ def transition(
             error=event.message,
             before=(ReleaseRun(event.agent),),
         )
+    if isinstance(event, InputsUnusable):
+        # Its room was promised on its agent at admission: give that back.
+        release = (ReleaseRun(job.agent),) if job.agent is not None else ()
+        why = "its input pictures cannot reach ComfyUI"
+        return _end(job, "failed", why, error=event.message, before=release)
     if isinstance(event, AgentGone):
         return _end(job, "failed", f"agent {job.agent} is no longer configured")
     if isinstance(event, PromptNews):

@@ -30,9 +30,12 @@ def _int_input(inputs: Mapping[str, Any], name: str, default: int) -> int:
 
 def image_key(workflow: Mapping[str, Any]) -> ImageKey:
     """Family, size and batch of a workflow. Without a checkpoint loader it needs no weights
-    ("none"); without a latent node it is taken at 1024x1024, batch 1."""
+    ("none"). Without a latent node, an img2img graph is sized by the ImageScale that feeds its
+    VAEEncode (when it names both sides); otherwise it is taken at 1024x1024, batch 1."""
     family = "none"
     width, height, batch = 1024, 1024, 1
+    has_latent = False
+    scaled: tuple[int, int] | None = None
     for node in workflow.values():
         if not isinstance(node, Mapping):
             continue
@@ -46,7 +49,26 @@ def image_key(workflow: Mapping[str, Any]) -> ImageKey:
             if isinstance(name, str):
                 family = checkpoint_family(name)
         elif cls in _LATENTS:
+            has_latent = True
             width = _int_input(inputs, "width", width)
             height = _int_input(inputs, "height", height)
             batch = _int_input(inputs, "batch_size", batch)
+        elif cls == "VAEEncode":
+            scaled = scaled or _scaled_pixels(workflow, inputs.get("pixels"))
+    if not has_latent and scaled is not None:
+        width, height = scaled
     return ImageKey(family, width, height, batch)
+
+
+def _scaled_pixels(workflow: Mapping[str, Any], link: Any) -> tuple[int, int] | None:
+    """The size an ImageScale linked as `link` gives its pictures, when it names both sides."""
+    if not (isinstance(link, list) and len(link) == 2):
+        return None
+    node = workflow.get(str(link[0]))
+    if not isinstance(node, Mapping) or node.get("class_type") != "ImageScale":
+        return None
+    inputs = node.get("inputs")
+    if not isinstance(inputs, Mapping):
+        return None
+    width, height = _int_input(inputs, "width", 0), _int_input(inputs, "height", 0)
+    return (width, height) if width and height else None

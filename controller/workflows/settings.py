@@ -9,12 +9,13 @@ handed out twice.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpu_common.layered_settings import check_base_url
+from gpu_common.layered_settings import check_base_url, read_token_file
 
 ENV_PREFIX = "GPU_WORKFLOWS_"
 
@@ -32,6 +33,11 @@ class WorkflowSettings(BaseSettings):
     controller_url: str = Field(default="http://127.0.0.1:8766", description="the controller")
     controller_token: SecretStr | None = Field(
         default=None, description="the controller's bearer token"
+    )
+    controller_token_file: Path | None = Field(
+        default=None,
+        description="a file holding the controller's bearer token (launchd, systemd: no secret "
+        "in the service definition)",
     )
     concurrency: int = Field(default=2, ge=1, le=64, description="worker processes")
     time_limit_s: float = Field(default=600.0, gt=0, description="hard limit per task")
@@ -93,6 +99,16 @@ class WorkflowSettings(BaseSettings):
             raise ValueError("must be a redis:// (or rediss://, unix://) URL")
         return value
 
+    _file_token: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> WorkflowSettings:
+        if self.controller_token_file is not None:
+            if self.controller_token is not None:
+                raise ValueError("set controller_token or controller_token_file, not both")
+            self._file_token = read_token_file(self.controller_token_file.expanduser())
+        return self
+
     @model_validator(mode="after")
     def _check_limits(self) -> WorkflowSettings:
         if self.soft_time_limit_s >= self.time_limit_s:
@@ -107,8 +123,9 @@ class WorkflowSettings(BaseSettings):
         return self
 
     def token(self) -> str | None:
-        """The controller's token, or None."""
-        return self.controller_token.get_secret_value() if self.controller_token else None
+        """The controller's token (given, or read from its file), or None."""
+        token = self.controller_token or self._file_token
+        return token.get_secret_value() if token else None
 
     def celery_config(self) -> dict[str, Any]:
         """Celery's settings for these values."""

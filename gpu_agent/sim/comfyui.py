@@ -8,7 +8,12 @@ output files on disk stay.
 
 Module map: `comfyui_nodes` (class table), `comfyui_validate` (POST /prompt checks),
 `comfyui_queue` (queue, history, flags), `comfyui_exec` (executor and worker loop),
-`comfyui_runtime` (what nodes do), `comfyui_memory` (VRAM model), `comfyui_ws` (websockets).
+`comfyui_runtime` (what nodes do), `comfyui_memory` (VRAM model), `comfyui_ws` (websockets),
+`comfyui_uploads` (`/upload/image` and `/upload/mask`).
+
+Started with `cpu=True` in its settings it is ComfyUI's `--cpu`: its models and activations
+live in the machine's RAM (a ledger of their own, which NVML does not see) and `/system_stats`
+reports the CPU device with the RAM's figures, as the real server does.
 """
 
 from __future__ import annotations
@@ -36,14 +41,15 @@ from gpu_agent.sim.catalog import GIB, Catalog
 from gpu_agent.sim.clock import SimClock
 from gpu_agent.sim.comfyui_exec import PromptExecutor, PromptWorker
 from gpu_agent.sim.comfyui_memory import ComfyMemory
-from gpu_agent.sim.comfyui_nodes import build_node_classes
+from gpu_agent.sim.comfyui_nodes import NodeClass, build_node_classes
 from gpu_agent.sim.comfyui_queue import PromptQueue, QueueItem
 from gpu_agent.sim.comfyui_runtime import NodeRuntime
 from gpu_agent.sim.comfyui_settings import ComfyUISimSettings, ComfyUIStats
+from gpu_agent.sim.comfyui_uploads import UploadFolders, upload_image, upload_mask
 from gpu_agent.sim.comfyui_validate import is_canonical_uuid, top_error, validate_prompt
 from gpu_agent.sim.comfyui_ws import WsClient, WsHub
 from gpu_agent.sim.faults import ServerFaults, fault_middleware
-from gpu_agent.sim.gpu import SimGpu
+from gpu_agent.sim.gpu import GpuSpec, SimGpu
 
 __all__ = ["ComfyUIEmulator", "ComfyUISimSettings", "ComfyUIStats"]
 
@@ -58,6 +64,8 @@ MAX_UPLOAD_SIZE_BYTES = 100 * 1024 * 1024
 # The desktop's system RAM as /system_stats reports it.
 RAM_TOTAL_BYTES = 64 * GIB
 RAM_FREE_BYTES = 48 * GIB
+# The RAM as the device a --cpu process allocates from.
+_RAM_DEVICE = GpuSpec(name="cpu", uuid="cpu", total_bytes=RAM_TOTAL_BYTES)
 
 
 @dataclass
@@ -139,17 +147,31 @@ class ComfyUIEmulator:
         self.input_dir.mkdir()
         self.temp_dir.mkdir()
         self._rng = random.Random(seed)
-        self._classes = build_node_classes(c.filename for c in catalog.checkpoints)
+        # On --cpu the process's memory is the machine's RAM: a device of its own, not the GPU.
+        self.device = SimGpu(clock, _RAM_DEVICE) if settings.cpu else gpu
         self._memory = ComfyMemory(
-            gpu=gpu,
+            gpu=self.device,
             clock=clock,
             pid=pid,
-            context_bytes=settings.context_bytes,
+            context_bytes=0 if settings.cpu else settings.context_bytes,
             reserve_bytes=settings.reserve_vram_bytes,
             allocator_cache_bytes=settings.allocator_cache_bytes,
         )
         self._hub = WsHub(self.faults)
         self._proc: _Process | None = None
+        self._runtime: NodeRuntime | None = None
+
+    def node_classes(self) -> dict[str, NodeClass]:
+        """The class table now: the image loaders list the input folder as it is."""
+        inputs = (f.name for f in self.input_dir.iterdir() if f.is_file())
+        return build_node_classes((c.filename for c in self.catalog.checkpoints), inputs)
+
+    def _image_exists(self, name: str) -> bool:
+        """LoadImage's check: the file its `image` value names exists."""
+        if self._runtime is None:
+            return False
+        path = self._runtime.annotated_path(name)
+        return path is not None and path.exists()
 
     # -- process lifecycle -----------------------------------------------------------------
 
@@ -174,14 +196,16 @@ class ComfyUIEmulator:
         queue = PromptQueue(queue_updated)
         runtime = NodeRuntime(
             clock=self.clock,
-            gpu=self.gpu,
+            gpu=self.device,
             memory=self._memory,
             catalog=self.catalog,
             stats=self.stats,
             output_dir=self.output_dir,
             temp_dir=self.temp_dir,
+            input_dir=self.input_dir,
             rng=self._rng,
         )
+        self._runtime = runtime
         executor = PromptExecutor(
             runtime=runtime,
             sink=hub,
@@ -243,7 +267,11 @@ class ComfyUIEmulator:
         faults = fault_middleware(
             self.faults, lambda status, text: web.Response(status=status, text=text)
         )
-        app = web.Application(middlewares=[cast(Middleware, faults), origin_middleware])
+        # ComfyUI's --max-upload-size (100 MB) bounds every request body.
+        app = web.Application(
+            middlewares=[cast(Middleware, faults), origin_middleware],
+            client_max_size=MAX_UPLOAD_SIZE_BYTES,
+        )
         routes: list[tuple[str, str, Any]] = [
             ("GET", "/ws", self._ws),
             ("POST", "/prompt", self._post_prompt),
@@ -254,6 +282,8 @@ class ComfyUIEmulator:
             ("GET", "/history/{prompt_id}", self._get_history_item),
             ("POST", "/history", self._post_history),
             ("GET", "/view", self._view),
+            ("POST", "/upload/image", self._upload_image),
+            ("POST", "/upload/mask", self._upload_mask),
             ("POST", "/interrupt", self._post_interrupt),
             ("POST", "/free", self._post_free),
             ("GET", "/system_stats", self._system_stats),
@@ -311,7 +341,12 @@ class ComfyUIEmulator:
                 "omit it to let the server generate one",
             )
             return web.json_response({"error": error, "node_errors": {}}, status=400)
-        validation = validate_prompt(prompt, self._classes, body.get("partial_execution_targets"))
+        validation = validate_prompt(
+            prompt,
+            self.node_classes(),
+            body.get("partial_execution_targets"),
+            image_exists=self._image_exists,
+        )
         extra_data = dict(body.get("extra_data") or {})
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
@@ -429,11 +464,52 @@ class ComfyUIEmulator:
         path = directory / os.path.basename(filename)
         return path if path.is_file() else 404
 
+    def _upload_folders(self) -> UploadFolders:
+        return UploadFolders(input=self.input_dir, output=self.output_dir, temp=self.temp_dir)
+
+    async def _upload_image(self, request: web.Request) -> web.Response:
+        self._process()
+        post = await request.post()
+        return await asyncio.to_thread(upload_image, post, self._upload_folders())
+
+    async def _upload_mask(self, request: web.Request) -> web.Response:
+        self._process()
+        post = await request.post()
+        try:
+            return await asyncio.to_thread(upload_mask, post, self._upload_folders())
+        except Exception:
+            # ComfyUI lets a missing or broken original_ref, or a mask of another size than
+            # its image, escape the handler: aiohttp answers 500.
+            log.warning("POST /upload/mask failed", exc_info=True)
+            return _internal_error()
+
     # -- information -----------------------------------------------------------------------
 
     async def _system_stats(self, request: web.Request) -> web.Response:
         self._process()
         memory = self._memory
+        if self.settings.cpu:
+            # ComfyUI reads psutil for a CPU device: RAM total and available, for torch too.
+            device: dict[str, Any] = {
+                "name": "cpu",
+                "type": "cpu",
+                "index": None,
+                "vram_total": RAM_TOTAL_BYTES,
+                "vram_free": RAM_FREE_BYTES,
+                "torch_vram_total": RAM_TOTAL_BYTES,
+                "torch_vram_free": RAM_FREE_BYTES,
+            }
+        else:
+            device = {
+                "name": f"cuda:0 {self.gpu.spec.name} : cudaMallocAsync",
+                "type": "cuda",
+                "index": 0,
+                "vram_total": self.gpu.total_bytes,
+                "vram_free": memory.free_for_comfy(),
+                "torch_vram_total": memory.torch_reserved_bytes(),
+                "torch_vram_free": memory.cache_bytes,
+            }
+        argv = [*PROCESS_CMDLINE[1:], "--cpu"] if self.settings.cpu else list(PROCESS_CMDLINE[1:])
         return web.json_response(
             {
                 "system": {
@@ -447,27 +523,18 @@ class ComfyUIEmulator:
                     "python_version": "3.12.3 (main, Aug 14 2025, 17:47:21) [GCC 13.3.0]",
                     "pytorch_version": "2.8.0+cu128",
                     "embedded_python": False,
-                    "argv": list(PROCESS_CMDLINE[1:]),
+                    "argv": argv,
                 },
-                "devices": [
-                    {
-                        "name": f"cuda:0 {self.gpu.spec.name} : cudaMallocAsync",
-                        "type": "cuda",
-                        "index": 0,
-                        "vram_total": self.gpu.total_bytes,
-                        "vram_free": memory.free_for_comfy(),
-                        "torch_vram_total": memory.torch_reserved_bytes(),
-                        "torch_vram_free": memory.cache_bytes,
-                    }
-                ],
+                "devices": [device],
             }
         )
 
     async def _object_info(self, request: web.Request) -> web.Response:
-        return web.json_response({name: cls.object_info() for name, cls in self._classes.items()})
+        classes = self.node_classes()
+        return web.json_response({name: cls.object_info() for name, cls in classes.items()})
 
     async def _object_info_node(self, request: web.Request) -> web.Response:
-        cls = self._classes.get(request.match_info["node_class"])
+        cls = self.node_classes().get(request.match_info["node_class"])
         return web.json_response({cls.name: cls.object_info()} if cls else {})
 
     # -- websocket -------------------------------------------------------------------------

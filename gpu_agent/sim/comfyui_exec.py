@@ -10,7 +10,9 @@ interrupt points (node boundaries and sampler steps). `PromptWorker` is `main.py
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,11 +34,26 @@ _TRACEBACK = [
 ]
 
 
+# Binary websocket frames (ComfyUI's protocol.py): a preview image, and one with metadata; the
+# image format of a type-1 frame is 1 for JPEG, 2 for PNG.
+PREVIEW_IMAGE = 1
+PREVIEW_IMAGE_WITH_METADATA = 4
+PNG_FORMAT = 2
+
+
 class EventSink(Protocol):
     """Where websocket events go: `sid=None` broadcasts. Must not block."""
 
     def send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
         """Deliver `event` with `data` to client `sid`, or to every client when None."""
+        ...
+
+    def send_bytes(self, frame: bytes, sid: str | None) -> None:
+        """Deliver a binary frame to client `sid`, or to every client when None."""
+        ...
+
+    def supports_preview_metadata(self, sid: str | None) -> bool:
+        """Whether client `sid` announced `supports_preview_metadata` in its feature flags."""
         ...
 
 
@@ -109,6 +126,33 @@ class PromptEvents:
         progress = {"value": value, "max": maximum, "prompt_id": self.prompt_id, "node": node_id}
         self._sink.send("progress", progress, self.client_id)
 
+    def image(self, node_id: str, value: int, maximum: int, png: bytes) -> None:
+        """A progress step carrying an image (SaveImageWebsocket), in ComfyUI's order.
+
+        A client that announced `supports_preview_metadata` gets the node map, a type-4 frame
+        (JSON metadata, then the PNG) and the `progress` frame; any other client the node map,
+        `progress` and a type-1 frame (format 2, PNG, then the image).
+        """
+        sink, sid = self._sink, self.client_id
+        self.node_state(node_id, "running", value, maximum)
+        progress = {"value": value, "max": maximum, "prompt_id": self.prompt_id, "node": node_id}
+        if sink.supports_preview_metadata(sid):
+            metadata = {
+                "node_id": node_id,
+                "prompt_id": self.prompt_id,
+                "display_node_id": node_id,
+                "parent_node_id": None,
+                "real_node_id": node_id,
+                "image_type": "image/png",
+            }
+            encoded = json.dumps(metadata).encode()
+            header = struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(encoded))
+            sink.send_bytes(header + encoded + png, sid)
+            sink.send("progress", progress, sid)
+        else:
+            sink.send("progress", progress, sid)
+            sink.send_bytes(struct.pack(">II", PREVIEW_IMAGE, PNG_FORMAT) + png, sid)
+
 
 class PromptExecutor:
     """Runs prompts for one process, keeping ComfyUI's node output cache between them."""
@@ -166,7 +210,7 @@ class PromptExecutor:
         run = PromptRun(item.prompt_id, item.prompt, item.extra_data, self._check_interrupt)
         events.record("execution_start", {})
         try:
-            keys = signatures(item.prompt)
+            keys = signatures(item.prompt, self._changed(item.prompt))
         except GraphError as exc:
             events.record("execution_cached", {"nodes": []})
             self._report_error(events, item, exc.node_id, "Exception", str(exc), {}, [], [])
@@ -182,6 +226,14 @@ class PromptExecutor:
         if ended == "success":
             events.record("execution_success", {})
         return self._finish(events, run, keys, ended)
+
+    def _changed(self, prompt: Mapping[str, Any]) -> dict[str, str]:
+        changed: dict[str, str] = {}
+        for node_id, node in prompt.items():
+            value = self.runtime.is_changed(node["class_type"], node.get("inputs", {}))
+            if value is not None:
+                changed[node_id] = value
+        return changed
 
     async def _run_nodes(
         self,
@@ -207,10 +259,11 @@ class PromptExecutor:
             events.executing(node_id)
             inputs = self._resolve(node, keys, results)
             progress = functools.partial(events.step, node_id)
+            image = functools.partial(events.image, node_id)
             try:
                 self._check_interrupt()
                 outputs, ui = await self.runtime.run(
-                    node["class_type"], node_id, inputs, run, progress
+                    node["class_type"], node_id, inputs, run, progress, image
                 )
             except Interrupted:
                 interrupted = {

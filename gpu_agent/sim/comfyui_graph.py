@@ -27,12 +27,16 @@ def is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2
 
 
-def signatures(prompt: Mapping[str, Any]) -> dict[str, str]:
+def signatures(
+    prompt: Mapping[str, Any], changed: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Each node's cache key: its class and inputs, links replaced by the linked node's key.
 
     Node ids do not enter the key, so an identical sub-graph under other ids is still cached,
-    as with ComfyUI's input-signature cache.
+    as with ComfyUI's input-signature cache. `changed` adds a node's IS_CHANGED value (the hash
+    of the file an image loader reads), so a node whose outside input changed runs again.
     """
+    extra = changed or {}
     memo: dict[str, str] = {}
     visiting: set[str] = set()
 
@@ -43,7 +47,7 @@ def signatures(prompt: Mapping[str, Any]) -> dict[str, str]:
             raise GraphError(node_id, "Dependency cycle detected")
         visiting.add(node_id)
         node = prompt[node_id]
-        parts: list[Any] = [node["class_type"]]
+        parts: list[Any] = [node["class_type"], extra.get(node_id)]
         for name in sorted(node.get("inputs", {})):
             value = node["inputs"][name]
             if is_link(value):

@@ -99,8 +99,12 @@ class NodeClass:
     hidden: Mapping[str, str] = field(default_factory=dict)
     output_node: bool = False
     description: str = ""
+    python_module: str = "nodes"
+    # Inputs the class checks itself (ComfyUI's VALIDATE_INPUTS): no list check for them.
+    validated_inputs: tuple[str, ...] = ()
 
     def input(self, name: str) -> InputSpec | None:
+        """The required input called `name`; None when the class has none of that name."""
         return next((spec for spec in self.required if spec.name == name), None)
 
     def object_info(self) -> dict[str, Any]:
@@ -119,7 +123,7 @@ class NodeClass:
             "name": self.name,
             "display_name": self.display_name,
             "description": self.description,
-            "python_module": "nodes",
+            "python_module": self.python_module,
             "category": self.category,
             "output_node": self.output_node,
         }
@@ -130,11 +134,24 @@ def _int(default: int, minimum: int, maximum: int, step: int = 1, **extra: Any) 
 
 
 _IMAGE_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+CROP_METHODS = ("disabled", "center")
+# LoadImageMask's channel choices, and ImageToMask's (in ComfyUI's own orders).
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
+IMAGE_CHANNELS = ("red", "green", "blue", "alpha")
+# Extensions ComfyUI's LoadImage lists (files whose guessed media type is an image).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
-def build_node_classes(checkpoint_filenames: Iterable[str]) -> dict[str, NodeClass]:
-    """The class table, with `ckpt_name` choices taken from the installed checkpoints."""
+def build_node_classes(
+    checkpoint_filenames: Iterable[str], input_files: Iterable[str] = ()
+) -> dict[str, NodeClass]:
+    """The class table, with `ckpt_name` choices taken from the installed checkpoints and the
+    image loaders' choices from the files at the top of the input folder."""
     size = _int(512, 16, MAX_RESOLUTION, 8)
+    files = tuple(sorted(input_files))
+    images = tuple(f for f in files if any(f.lower().endswith(e) for e in IMAGE_EXTENSIONS))
+    upload = {"image_upload": True}
     classes = (
         NodeClass(
             name="CheckpointLoaderSimple",
@@ -228,6 +245,86 @@ def build_node_classes(checkpoint_filenames: Iterable[str]) -> dict[str, NodeCla
                 InputSpec("color", "INT", _int(0, 0, 0xFFFFFF, display="color")),
             ),
             return_types=("IMAGE",),
+        ),
+        NodeClass(
+            name="LoadImage",
+            display_name="Load Image",
+            category="image",
+            required=(InputSpec("image", images, upload),),
+            return_types=("IMAGE", "MASK"),
+            validated_inputs=("image",),
+        ),
+        NodeClass(
+            name="LoadImageMask",
+            display_name="Load Image (as Mask)",
+            category="mask",
+            required=(InputSpec("image", files, upload), InputSpec("channel", MASK_CHANNELS)),
+            return_types=("MASK",),
+            validated_inputs=("image",),
+        ),
+        NodeClass(
+            name="VAEEncode",
+            display_name="VAE Encode",
+            category="latent",
+            required=(InputSpec("pixels", "IMAGE"), InputSpec("vae", "VAE")),
+            return_types=("LATENT",),
+            description="Encodes pixel space images into latent space images.",
+        ),
+        NodeClass(
+            name="ImageScale",
+            display_name="Upscale Image",
+            category="image/upscaling",
+            required=(
+                InputSpec("image", "IMAGE"),
+                InputSpec("upscale_method", UPSCALE_METHODS),
+                InputSpec("width", "INT", _int(512, 0, MAX_RESOLUTION)),
+                InputSpec("height", "INT", _int(512, 0, MAX_RESOLUTION)),
+                InputSpec("crop", CROP_METHODS),
+            ),
+            return_types=("IMAGE",),
+        ),
+        NodeClass(
+            name="ImageInvert",
+            display_name="Invert Image",
+            category="image",
+            required=(InputSpec("image", "IMAGE"),),
+            return_types=("IMAGE",),
+        ),
+        NodeClass(
+            name="ImageBlur",
+            display_name="Image Blur",
+            category="image/postprocessing",
+            required=(
+                InputSpec("image", "IMAGE"),
+                InputSpec("blur_radius", "INT", _int(1, 1, 31)),
+                InputSpec("sigma", "FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1}),
+            ),
+            return_types=("IMAGE",),
+            python_module="comfy_extras.nodes_post_processing",
+        ),
+        NodeClass(
+            name="ImageToMask",
+            display_name="Convert Image to Mask",
+            category="mask",
+            required=(InputSpec("image", "IMAGE"), InputSpec("channel", IMAGE_CHANNELS)),
+            return_types=("MASK",),
+            python_module="comfy_extras.nodes_mask",
+        ),
+        NodeClass(
+            name="MaskToImage",
+            display_name="Convert Mask to Image",
+            category="mask",
+            required=(InputSpec("mask", "MASK"),),
+            return_types=("IMAGE",),
+            python_module="comfy_extras.nodes_mask",
+        ),
+        NodeClass(
+            name="SaveImageWebsocket",
+            display_name="SaveImageWebsocket",
+            category="api/image",
+            required=(InputSpec("images", "IMAGE"),),
+            output_node=True,
+            python_module="custom_nodes.websocket_image_save",
         ),
     )
     return {node.name: node for node in classes}

@@ -4,11 +4,18 @@ Nodes pass small value objects instead of tensors. GPU nodes load model parts th
 `ComfyMemory`, hold their activations on the `SimGpu` while they run and take simulated time from
 the catalogue's `CheckpointFamily` figures (hardware-figures.md §3); the image nodes write real PNG
 files. Failures surface as `NodeFailure` (an exception inside a node) or `Interrupted`.
+
+Image-only nodes run without weights, as in ComfyUI: the loaders read the uploaded file's header
+(its size and alpha channel; pixels are not decoded), ImageScale, ImageInvert and ImageBlur
+change the value, and SaveImageWebsocket sends each image as a PNG in ComfyUI's binary frames.
+A node that cannot work on its input fails at run time as ComfyUI's does, with the exception
+type and message the real node raises (ImageToMask of `alpha` on an RGB image: IndexError).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +34,7 @@ from gpu_agent.sim.comfyui_settings import ComfyUIStats
 from gpu_agent.sim.errors import SimOutOfMemory
 from gpu_agent.sim.gpu import SimGpu
 from gpu_agent.sim.png import encode_png, gradient_rows, solid_rows
+from gpu_common.image_files import NotAnImage, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +96,32 @@ class Latent:
 
 @dataclass(frozen=True, slots=True)
 class Images:
-    """Decoded images (pixels): a gradient keyed by `seed`, or solid 0xRRGGBB `color`."""
+    """Decoded images (pixels): a gradient keyed by `seed`, or solid 0xRRGGBB `color`.
+
+    ComfyUI's IMAGE is RGB (its loaders drop the alpha channel into a separate MASK), so
+    `channels` is 3 for every image the nodes here make.
+    """
 
     width: int
     height: int
     batch: int
     seed: int = 0
     color: int | None = None
+    channels: int = 3
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The size of the float32 tensor ComfyUI holds these images in."""
+        return self.batch * self.height * self.width * self.channels * 4
+
+
+@dataclass(frozen=True, slots=True)
+class Mask:
+    """A MASK batch (one float per pixel)."""
+
+    width: int
+    height: int
+    batch: int = 1
 
 
 @dataclass(slots=True)
@@ -109,7 +136,20 @@ class PromptRun:
 
 
 ProgressCallback = Callable[[int, int], None]
+# One image a node sends over the websocket (`value` of `maximum`, the PNG): ComfyUI's progress
+# hook with a preview image.
+ImageCallback = Callable[[int, int, bytes], None]
 NodeResult = tuple[tuple[Any, ...], dict[str, Any] | None]
+# Nodes that tell ComfyUI they changed on every run (IS_CHANGED returns the time): never cached.
+ALWAYS_CHANGED = frozenset({"SaveImageWebsocket"})
+# The image loaders: cached only while their file's content is the same (IS_CHANGED hashes it).
+IMAGE_LOADERS = frozenset({"LoadImage", "LoadImageMask"})
+# A mask ComfyUI makes when the image has no alpha channel is 64x64 zeros.
+EMPTY_MASK_SIDE = 64
+# A VAE encodes to latents of 1/8 the side; it crops the image to a multiple of that first.
+VAE_SCALE = 8
+# ImageBlur holds the image, its padded copy and the result on the GPU at once.
+BLUR_COPIES = 3
 
 
 class NodeRuntime:
@@ -125,6 +165,7 @@ class NodeRuntime:
         stats: ComfyUIStats,
         output_dir: Path,
         temp_dir: Path,
+        input_dir: Path,
         rng: random.Random,
     ) -> None:
         self.clock = clock
@@ -134,7 +175,9 @@ class NodeRuntime:
         self.stats = stats
         self.output_dir = output_dir
         self.temp_dir = temp_dir
+        self.input_dir = input_dir
         self._rng = rng
+        self._runs = 0
         # PreviewImage's random filename part is chosen once per node (ComfyUI caches the node).
         self._preview_prefix: dict[str, str] = {}
 
@@ -145,8 +188,11 @@ class NodeRuntime:
         inputs: dict[str, Any],
         run: PromptRun,
         progress: ProgressCallback,
+        image: ImageCallback | None = None,
     ) -> NodeResult:
-        """Run one node with resolved inputs; returns its outputs and its UI output (or None)."""
+        """Run one node with resolved inputs; returns its outputs and its UI output (or None).
+
+        `image` sends a node's image over the websocket (SaveImageWebsocket)."""
         if class_type == "CheckpointLoaderSimple":
             checkpoint = self.catalog.checkpoint(inputs["ckpt_name"])
             if checkpoint is None:
@@ -170,7 +216,121 @@ class NodeRuntime:
             return (Images(*size, color=int(inputs["color"])),), None
         if class_type in ("SaveImage", "PreviewImage"):
             return (), await self._save(class_type, node_id, inputs, run)
+        if class_type in IMAGE_LOADERS:
+            return await self._load_image(class_type, inputs), None
+        if class_type == "VAEEncode":
+            return (await self._encode_pixels(inputs["pixels"], inputs["vae"], run),), None
+        if class_type == "ImageScale":
+            return (_scaled(inputs["image"], int(inputs["width"]), int(inputs["height"])),), None
+        if class_type == "ImageInvert":
+            return (_inverted(inputs["image"]),), None
+        if class_type == "ImageBlur":
+            return (await self._blur(inputs["image"]),), None
+        if class_type == "MaskToImage":
+            mask: Mask = inputs["mask"]
+            return (Images(mask.width, mask.height, mask.batch),), None
+        if class_type == "ImageToMask":
+            return (_to_mask(inputs["image"], str(inputs["channel"])),), None
+        if class_type == "SaveImageWebsocket":
+            await self._send_images(inputs["images"], image)
+            return (), None
         raise NodeFailure("NotImplementedError", f"node class {class_type} has no runtime")
+
+    def is_changed(self, class_type: str, inputs: dict[str, Any]) -> str | None:
+        """What ComfyUI's IS_CHANGED adds to a node's cache key: the loaded file's hash for
+        the image loaders, a new value on every run for SaveImageWebsocket; else None."""
+        if class_type in ALWAYS_CHANGED:
+            self._runs += 1
+            return f"run {self._runs}"
+        if class_type in IMAGE_LOADERS and isinstance(inputs.get("image"), str):
+            path = self.annotated_path(inputs["image"])
+            if path is not None and path.is_file():
+                return hashlib.sha256(path.read_bytes()).hexdigest()
+        return None
+
+    def annotated_path(self, name: str) -> Path | None:
+        """The file an image loader's `image` value names: `sub/name.png`, relative to the
+        input folder unless it ends in ` [output]`, ` [temp]` or ` [input]`. None for a name
+        that would leave its folder."""
+        base = self.input_dir
+        for kind, folder in (
+            ("input", self.input_dir),
+            ("output", self.output_dir),
+            ("temp", self.temp_dir),
+        ):
+            if name.endswith(f" [{kind}]"):
+                name, base = name[: -len(kind) - 3], folder
+        root = base.resolve()
+        path = (root / name).resolve()
+        return path if path.is_relative_to(root) and path != root else None
+
+    # -- image-only nodes ------------------------------------------------------------------
+
+    async def _load_image(self, class_type: str, inputs: dict[str, Any]) -> tuple[Any, ...]:
+        path = self.annotated_path(str(inputs["image"]))
+        if path is None or not path.is_file():
+            raise NodeFailure(
+                "FileNotFoundError",
+                f"[Errno 2] No such file or directory: '{path or inputs['image']}'",
+            )
+        data = await asyncio.to_thread(path.read_bytes)
+        try:
+            header = probe_image(data)
+        except NotAnImage as exc:
+            # Pillow's error for a file it cannot open, as LoadImage raises it.
+            raise NodeFailure(
+                "PIL.UnidentifiedImageError", f"cannot identify image file '{path}'"
+            ) from exc
+        seed = int.from_bytes(hashlib.sha256(data).digest()[:4], "big")
+        width, height = header.width, header.height
+        if class_type == "LoadImageMask":
+            # Without that channel (an RGB file asked for alpha) the mask is 64x64 zeros.
+            has_channel = header.has_alpha or inputs["channel"] != "alpha"
+            side = (width, height) if has_channel else (EMPTY_MASK_SIDE, EMPTY_MASK_SIDE)
+            return (Mask(*side),)
+        mask = Mask(width, height) if header.has_alpha else Mask(EMPTY_MASK_SIDE, EMPTY_MASK_SIDE)
+        return Images(width, height, 1, seed), mask
+
+    async def _encode_pixels(self, pixels: Images, vae: CheckpointRef, run: PromptRun) -> Latent:
+        family = vae.checkpoint.family
+        width = pixels.width // VAE_SCALE * VAE_SCALE
+        height = pixels.height // VAE_SCALE * VAE_SCALE
+        if width == 0 or height == 0:
+            raise NodeFailure(
+                "RuntimeError",
+                f"Given input size: (3x{pixels.height}x{pixels.width}). Calculated output size: "
+                "(128x0x0). Output size is too small",
+            )
+        ratio = _pixel_ratio(family, width, height) * pixels.batch
+        # Encoding is taken to need the memory and time of a decode of the same size: the same
+        # network run the other way (no separate published figure).
+        transient = min(int(family.vae_activation_bytes * ratio), family.vae_activation_cap_bytes)
+        placement = await self._prepare(vae.checkpoint, "vae", transient, run)
+        slowdown = TILED_DECODE_SLOWDOWN if placement.mode == "tiled" else 1.0
+        try:
+            with self.gpu.working("diffusion"):
+                encode_s = family.vae_decode_s * ratio * slowdown * self.gpu.contention()
+                await self.clock.sleep(encode_s)
+        finally:
+            self.memory.release_activation(placement.activation_bytes)
+        return Latent(width, height, pixels.batch, pixels.seed)
+
+    async def _blur(self, images: Images) -> Images:
+        # ImageBlur moves the image to the GPU for its convolution, then back.
+        nbytes = images.tensor_bytes * BLUR_COPIES
+        try:
+            self.memory.acquire_activation(nbytes)
+        except SimOutOfMemory as exc:
+            raise self._oom(exc.requested_bytes) from exc
+        self.memory.release_activation(nbytes)
+        return images
+
+    async def _send_images(self, images: Images, send: ImageCallback | None) -> None:
+        for index in range(images.batch):
+            rows = _rows(images, index)
+            png = await asyncio.to_thread(encode_png, images.width, images.height, rows)
+            if send is not None:
+                send(index, images.batch, png)
 
     # -- GPU work --------------------------------------------------------------------------
 
@@ -308,13 +468,46 @@ def _pixel_ratio(family: CheckpointFamily, width: int, height: int) -> float:
     return (width * height) / (family.base_width * family.base_height)
 
 
-def _write_image(path: Path, images: Images, index: int, text: dict[str, str]) -> None:
+def _rows(images: Images, index: int) -> Any:
     if images.color is not None:
         rgb = ((images.color >> 16) & 255, (images.color >> 8) & 255, images.color & 255)
-        rows = solid_rows(images.width, images.height, rgb)
-    else:
-        rows = gradient_rows(images.width, images.height, images.seed + index)
+        return solid_rows(images.width, images.height, rgb)
+    return gradient_rows(images.width, images.height, images.seed + index)
+
+
+def _write_image(path: Path, images: Images, index: int, text: dict[str, str]) -> None:
+    rows = _rows(images, index)
     path.write_bytes(encode_png(images.width, images.height, rows, text=text))
+
+
+def _scaled(images: Images, width: int, height: int) -> Images:
+    """ImageScale's size rule: 0 for one side keeps the aspect ratio; both 0 keep the image."""
+    if width == 0 and height == 0:
+        return images
+    if width == 0:
+        width = max(1, round(images.width * height / images.height))
+    elif height == 0:
+        height = max(1, round(images.height * width / images.width))
+    return Images(width, height, images.batch, images.seed, images.color, images.channels)
+
+
+def _inverted(images: Images) -> Images:
+    # A solid colour inverts exactly; a gradient becomes another gradient (pixels are patterns).
+    if images.color is not None:
+        color = images.color ^ 0xFFFFFF
+        return Images(images.width, images.height, images.batch, images.seed, color)
+    return Images(images.width, images.height, images.batch, images.seed ^ 0xFFFF)
+
+
+def _to_mask(images: Images, channel: str) -> Mask:
+    index = ("red", "green", "blue", "alpha").index(channel)
+    if index >= images.channels:
+        # `image[:, :, :, 3]` on ComfyUI's RGB tensor.
+        raise NodeFailure(
+            "IndexError",
+            f"index {index} is out of bounds for dimension 3 with size {images.channels}",
+        )
+    return Mask(images.width, images.height, images.batch)
 
 
 def save_path(base_dir: Path, prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:

@@ -27,6 +27,9 @@ class ComfyUISimSettings:
     free_apply_s: float = 0.3
     # False = --disable-smart-memory: every model is unloaded after every prompt.
     smart_memory: bool = True
+    # True = --cpu: the process runs on the CPU, holds nothing on the GPU, and /system_stats
+    # reports the machine's RAM as the device's (and torch's) memory.
+    cpu: bool = False
     version: str = "0.3.64"
 
 

@@ -9,13 +9,16 @@ and the queued prompt carries the coerced values.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_agent.sim.comfyui_nodes import InputSpec, NodeClass
 
 Reason = dict[str, Any]
+# Whether an image loader's file (`sub/name.png`, optionally ` [input]`) exists: LoadImage's and
+# LoadImageMask's own check (VALIDATE_INPUTS), which replaces the list check for `image`.
+ImageExists = Callable[[str], bool]
 # Beyond this many choices the server leaves the list out of a value_not_in_list error.
 _MAX_LISTED_CHOICES = 20
 
@@ -53,8 +56,11 @@ def validate_prompt(
     prompt: Mapping[str, Any],
     classes: Mapping[str, NodeClass],
     partial_targets: Sequence[str] | None = None,
+    image_exists: ImageExists | None = None,
 ) -> Validation:
-    """Validate `prompt` (node id -> {class_type, inputs}) against the class table."""
+    """Validate `prompt` (node id -> {class_type, inputs}) against the class table.
+
+    `image_exists` answers the image loaders' own check; without it every file exists."""
     outputs: list[str] = []
     for node_id, node in prompt.items():
         if "class_type" not in node:
@@ -87,7 +93,7 @@ def validate_prompt(
     node_errors: dict[str, Any] = {}
     for output_id in outputs:
         try:
-            valid, reasons = _validate_node(prompt, classes, output_id, validated)
+            valid, reasons = _validate_node(prompt, classes, output_id, validated, image_exists)
         except Exception as exc:
             valid = False
             reasons = [_exception_reason("exception_during_validation", exc)]
@@ -139,6 +145,7 @@ def _validate_node(
     classes: Mapping[str, NodeClass],
     node_id: str,
     validated: dict[str, tuple[bool, list[Reason]]],
+    image_exists: ImageExists | None = None,
 ) -> tuple[bool, list[Reason]]:
     if node_id in validated:
         return validated[node_id]
@@ -160,12 +167,28 @@ def _validate_node(
             continue
         value = inputs[spec.name]
         if isinstance(value, list):
-            linked_ok = _check_link(prompt, classes, spec, value, errors, validated)
+            linked_ok = _check_link(prompt, classes, spec, value, errors, validated, image_exists)
             valid = valid and linked_ok
+            continue
+        if spec.name in cls.validated_inputs:
             continue
         reason = _check_value(spec, inputs)
         if reason is not None:
             errors.append(reason)
+    for name in cls.validated_inputs:
+        # The class's own check runs after the others, on the value as given.
+        value = inputs.get(name)
+        if name not in inputs or isinstance(value, list):
+            continue
+        if image_exists is not None and not image_exists(str(value)):
+            errors.append(
+                {
+                    "type": "custom_validation_failed",
+                    "message": "Custom validation failed for node",
+                    "details": f"{name} - Invalid image file: {value}",
+                    "extra_info": {"input_name": name},
+                }
+            )
     result = (valid and not errors, errors)
     validated[node_id] = result
     return result
@@ -178,6 +201,7 @@ def _check_link(
     link: list[Any],
     errors: list[Reason],
     validated: dict[str, tuple[bool, list[Reason]]],
+    image_exists: ImageExists | None = None,
 ) -> bool:
     """Check one `[node_id, slot]` input; False when the linked node itself is invalid."""
     config = spec.wire()
@@ -218,7 +242,7 @@ def _check_link(
         )
         return True
     try:
-        source_valid, _ = _validate_node(prompt, classes, source_id, validated)
+        source_valid, _ = _validate_node(prompt, classes, source_id, validated, image_exists)
     except Exception as exc:
         validated[source_id] = (
             False,

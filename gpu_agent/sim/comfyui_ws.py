@@ -44,7 +44,10 @@ class WsHub:
     def __init__(self, faults: ServerFaults) -> None:
         self.faults = faults
         self.clients: dict[str, WsClient] = {}
-        self._outbox: asyncio.Queue[tuple[str, dict[str, Any], str | None]] = asyncio.Queue()
+        # (event, data, sid); a binary frame travels as (None, its bytes, sid).
+        self._outbox: asyncio.Queue[tuple[str | None, dict[str, Any] | bytes, str | None]] = (
+            asyncio.Queue()
+        )
         self._publisher: asyncio.Task[None] | None = None
         # Held while a frame is sent, so a new client's greeting is not interleaved with events.
         self._lock = asyncio.Lock()
@@ -54,6 +57,15 @@ class WsHub:
     def send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
         """Queue an event for `sid` (None = everyone); returns at once."""
         self._outbox.put_nowait((event, data, sid))
+
+    def send_bytes(self, frame: bytes, sid: str | None) -> None:
+        """Queue a binary frame for `sid` (None = everyone), in order with the events."""
+        self._outbox.put_nowait((None, frame, sid))
+
+    def supports_preview_metadata(self, sid: str | None) -> bool:
+        """Whether `sid`'s socket announced `supports_preview_metadata` (ComfyUI's check)."""
+        client = self.clients.get(sid) if sid is not None else None
+        return client is not None and bool(client.feature_flags.get("supports_preview_metadata"))
 
     def start(self) -> None:
         """Start delivering the outbox in order; a no-op when already started."""
@@ -74,12 +86,16 @@ class WsHub:
             event, data, sid = await self._outbox.get()
             await self.send_now(event, data, sid)
 
-    async def send_now(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+    async def send_now(
+        self, event: str | None, data: dict[str, Any] | bytes, sid: str | None
+    ) -> None:
         """Send at once, bypassing the outbox (replies to a client's own message)."""
         async with self._lock:
             await self._deliver(event, data, sid)
 
-    async def _deliver(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+    async def _deliver(
+        self, event: str | None, data: dict[str, Any] | bytes, sid: str | None
+    ) -> None:
         """Send to `sid`, or to every client when `sid` is None; the caller holds the lock."""
         if self.faults.websocket_silent:
             return
@@ -88,15 +104,20 @@ class WsHub:
         else:
             target = self.clients.get(sid)
             targets = [target] if target is not None else []
-        message = {"type": event, "data": data}
+        message: dict[str, Any] | bytes = (
+            data if isinstance(data, bytes) else {"type": event, "data": data}
+        )
         for client in targets:
             await self._send(client, message)
 
-    async def _send(self, client: WsClient, message: dict[str, Any]) -> None:
+    async def _send(self, client: WsClient, message: dict[str, Any] | bytes) -> None:
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             async with asyncio.timeout(SEND_TIMEOUT_S):
-                await client.ws.send_json(message)
+                if isinstance(message, bytes):
+                    await client.ws.send_bytes(message)
+                else:
+                    await client.ws.send_json(message)
         except (ConnectionError, aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
             log.debug("websocket send to %s failed: %s", client.sid, exc)
 

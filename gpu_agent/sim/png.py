@@ -1,9 +1,9 @@
 """A tiny deterministic PNG writer for the emulated ComfyUI (simulator layer).
 
-Images are 8-bit RGB, written with zlib and struct only, so every file the emulator saves is a
-real PNG any viewer opens. Pixels are cheap patterns, not pictures: a seeded gradient for sampled
-images and a solid fill for `EmptyImage`. Rows are built with slice assignment rather than per
-pixel, and compressed at zlib level 1, so a 1024x1024 image takes milliseconds.
+Images are 8-bit RGB (or RGBA), written with zlib and struct only, so every file the emulator
+saves is a real PNG any viewer opens. Pixels are cheap patterns, not pictures: a seeded gradient
+for sampled images and a solid fill for `EmptyImage`. Rows are built with slice assignment rather
+than per pixel, and compressed at zlib level 1, so a 1024x1024 image takes milliseconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPE_RGB = 2
+_COLOR_TYPE_RGBA = 6
 _FILTER_NONE = b"\x00"
 
 
@@ -30,14 +31,16 @@ def encode_png(
     *,
     text: Mapping[str, str] | None = None,
     level: int = 1,
+    alpha: bool = False,
 ) -> bytes:
-    """Encode `height` rows of `width` RGB pixels (3 bytes each, no filter byte) as a PNG.
+    """Encode `height` rows of `width` RGB pixels (3 bytes each, 4 with `alpha`; no filter
+    byte) as a PNG.
 
     `text` becomes tEXt chunks (ComfyUI stores the prompt JSON there); keys must be Latin-1.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    row_bytes = width * 3
+    row_bytes = width * (4 if alpha else 3)
     compressor = zlib.compressobj(level)
     parts: list[bytes] = []
     count = 0
@@ -49,7 +52,8 @@ def encode_png(
     if count != height:
         raise ValueError(f"got {count} rows, expected {height}")
     parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPE_RGB, 0, 0, 0)
+    colour_type = _COLOR_TYPE_RGBA if alpha else _COLOR_TYPE_RGB
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     chunks = [PNG_SIGNATURE, _chunk(b"IHDR", header)]
     for key, value in (text or {}).items():
         chunks.append(_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("utf-8")))
@@ -89,3 +93,12 @@ def solid_rows(width: int, height: int, rgb: tuple[int, int, int]) -> Iterator[b
     row = bytes(rgb) * width
     for _ in range(height):
         yield row
+
+
+def with_alpha(rows: Iterable[bytes], alpha_rows: Iterable[bytes]) -> Iterator[bytes]:
+    """RGB rows joined with rows of one alpha byte per pixel into RGBA rows."""
+    for rgb, alpha in zip(rows, alpha_rows, strict=True):
+        row = bytearray(len(alpha) * 4)
+        row[0::4], row[1::4], row[2::4] = rgb[0::3], rgb[1::3], rgb[2::3]
+        row[3::4] = alpha
+        yield bytes(row)

@@ -57,3 +57,53 @@ def blank_image(*, width: int = 512, height: int = 512, prefix: str = "blank") -
         },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
+
+
+def image_to_image(
+    ckpt: str = SD15,
+    *,
+    image: str = "input.png",
+    width: int = 512,
+    height: int = 512,
+    steps: int = 20,
+    denoise: float = 0.6,
+    seed: int = 1,
+    text: str = "the same scene as an oil painting",
+    prefix: str = "img2img",
+) -> dict[str, Any]:
+    """ComfyUI's img2img graph: LoadImage, scaled to the model's size, VAE-encoded and sampled
+    at `denoise`. `image` is the name the picture is uploaded under."""
+    return {
+        "10": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "11": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["10", 0],
+                "upscale_method": "lanczos",
+                "width": width,
+                "height": height,
+                "crop": "center",
+            },
+        },
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": denoise,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["12", 0],
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }

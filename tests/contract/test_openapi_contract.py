@@ -67,6 +67,9 @@ STATE_REFUSALS = frozenset(
         ("POST /v1/comfyui/prompts", 400, "workflow_rejected"),
         # An Idempotency-Key used before with another body (the IETF draft's 422).
         ("POST /v1/images", 422, "idempotency_key_reused"),
+        # Whether an uploaded file is a picture, and whether the workflow loads it by the name
+        # it came with, depends on the file's bytes and the workflow, not on the form's shape.
+        ("POST /v1/images", 400, "input_rejected"),
     }
 )
 CHECKS_LEFT_OUT = {"use_after_free": {"enabled": False}}

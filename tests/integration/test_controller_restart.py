@@ -6,6 +6,9 @@ SIGKILL of the controller's process, a restart on the same data directory finds 
 follows the ones ComfyUI ran meanwhile and dispatches the rest, and ComfyUI runs each prompt
 once. The agent and the simulated desktop stay up in the test process the whole time.
 
+An img2img job whose picture was uploaded with it, held when the controller is killed, is
+dispatched after the restart with the picture the controller kept in its data folder.
+
 The graceful restart runs on the virtual-time loop like the other in-process tests. The SIGKILL
 test runs the controller as a child process, which cannot share the test's virtual clock, so it
 runs on real time (`real_time`): its desktop still runs at speed 1, with images kept small so
@@ -19,6 +22,7 @@ import contextlib
 import os
 import re
 import signal
+import struct
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,8 +31,11 @@ from typing import Any
 import httpx
 import pytest
 
+from controller.client import StudioClient
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.sim.desktop import SimDesktop
+from gpu_agent.sim.png import encode_png, gradient_rows
+from gpu_agent.sim.workflows import SDXL, image_to_image
 from tests import waiting
 from tests.integration.stack import (
     AGENT_TOKEN,
@@ -311,3 +318,63 @@ async def _agent_healthy(http: httpx.AsyncClient) -> bool:
         fleet = (await http.get("/v1/fleet")).json()
         return bool(fleet["agents"]) and all(a["healthy"] for a in fleet["agents"])
     return False
+
+
+@pytest.mark.real_time
+@pytest.mark.timeout(90)
+async def test_sigkill_between_upload_and_dispatch_keeps_the_jobs_pictures(
+    desktop: SimDesktop, agent: RunningAgent, tmp_path: Path
+) -> None:
+    """An img2img job accepted with its picture, held behind a running job, survives a SIGKILL
+    of the controller: the restarted controller dispatches it with the picture it kept."""
+    config = tmp_path / "controller.toml"
+    write_config(config, agent.url, tmp_path / "controller")
+    port = free_port()
+    sketch = encode_png(320, 240, gradient_rows(320, 240, 11))
+    # The first job claims most of the card, so the SDXL img2img job (about 9 GB at first)
+    # waits for it: it is stored with its picture but not dispatched when the controller dies.
+    blocker = sd15(steps=40, seed=1)
+    img2img = image_to_image(SDXL, image="sketch.png", width=512, height=512, steps=4)
+    first = ControllerProcess(config, port, tmp_path / "first.log")
+    second = ControllerProcess(config, port, tmp_path / "second.log")
+    try:
+        url = await first.start()
+        async with (
+            StudioClient(url, token=CONTROLLER_TOKEN, timeout_s=REAL_HTTP_TIMEOUT_S) as studio,
+            httpx.AsyncClient(base_url=url, headers=AUTH, timeout=REAL_HTTP_TIMEOUT_S) as http,
+        ):
+            await wait_until(
+                lambda: _agent_healthy(http),
+                timeout_s=READY_TIMEOUT_S,
+                poll_s=POLL_S,
+                what="the agent to be healthy",
+            )
+            gigabytes = 1024**3
+            blocking = await studio.generate_image(blocker, vram_bytes=6 * gigabytes)
+            job = await studio.generate_image(img2img, inputs={"sketch.png": sketch})
+            job_ids = [blocking.id, job.id]
+
+            async def first_out_second_held() -> dict[str, str] | None:
+                states = await states_of(http, job_ids)
+                out = states[blocking.id] in ("dispatched", "running")
+                return states if out and states[job.id] == "held" else None
+
+            await wait_until(first_out_second_held, poll_s=POLL_S, what="one out, one held")
+            await first.kill()
+        assert desktop.comfyui.stats.prompts_run <= 1
+        assert not any(p.is_file() for p in desktop.comfyui.input_dir.rglob("*"))
+
+        url = await second.start()
+        async with httpx.AsyncClient(
+            base_url=url, headers=AUTH, timeout=REAL_HTTP_TIMEOUT_S
+        ) as http:
+            jobs = await wait_all_final(http, job_ids, timeout_s=60.0)
+            await assert_each_succeeded_once(http, desktop, jobs)
+            assert jobs[job.id]["inputs"] == ["sketch.png"]
+            output = (await http.get(jobs[job.id]["outputs"][0])).content
+            assert struct.unpack(">II", output[16:24]) == (512, 512)
+        uploaded = [p.read_bytes() for p in desktop.comfyui.input_dir.rglob("*") if p.is_file()]
+        assert uploaded == [sketch]
+    finally:
+        await first.stop()
+        await second.stop()
