@@ -374,6 +374,23 @@ async def test_ollama_failing_mid_stream_reaches_the_client_as_its_error_line(
     assert response.json()["done"] is True
 
 
+async def test_ollama_failing_an_unstreamed_answer_reaches_the_client_with_its_error(
+    stack: Stack,
+) -> None:
+    """Ollama fails a generation that is not streamed: its 500 and its error reach the client.
+
+    Found by the chaos day (seed 1): the controller read the error body to tell Ollama's
+    errors from the agent's, then passed on the emptied answer, a 500 with no body."""
+    stack.desktop.ollama.faults.fail_stream_after_tokens = 3
+    response = await stack.generate(SMALL, options={"num_predict": 64})
+    assert response.status_code == 500, response.text
+    assert response.json() == {"error": MIDSTREAM_ERROR}
+    assert stack.engine.llm.in_flight == 0
+    stack.desktop.ollama.faults.clear()
+    response = await stack.generate(SMALL, options={"num_predict": 8})
+    assert response.status_code == 200, response.text
+
+
 async def test_ollama_down_shows_in_the_fleet_and_images_still_run(stack: Stack) -> None:
     await stack.desktop.stop_ollama()
     try:
