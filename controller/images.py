@@ -511,7 +511,7 @@ class ImageScheduler:
     def _give_back(self, admit: Admit) -> None:
         """Drop what an admission promised on its agent: the job will not be dispatched."""
         book = self._fleet.books[admit.agent]
-        book.finish_image(None)
+        book.finish_image(None, ran=False)
         book.unloading.difference_update(admit.room.unload)
         book.freeing_comfy -= int(admit.room.free_comfy)
 

@@ -33,7 +33,7 @@ from bench.chaos.stack import AGENT_NAME, ChaosStack, describe
 from controller.daemon import STORE_FILE
 from controller.images import attempt_prompt_id
 from controller.store import JobStore
-from gpu_agent.sim.desktop import COMFYUI_PID, SimDesktop
+from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, studio_day
 from gpu_common.virtual_time import run_virtual
@@ -336,7 +336,9 @@ class ChaosDay:
                 f"{r.model} {r.size_vram_bytes // mib}/{r.size_bytes // mib} MiB"
                 for r in self.desktop.ollama.runners()
             ],
-            "comfyui_mib": self.desktop.gpu.process_bytes(COMFYUI_PID) // mib,
+            "processes": [
+                f"{pid} {name} {used // mib}" for pid, name, used in self.desktop.gpu.holders()
+            ],
         }
         controller = self.stack.controller
         if controller is not None:

@@ -110,7 +110,7 @@ class ChaosStack:
 
     def foreign_bytes(self) -> int:
         """GPU memory foreign processes hold now."""
-        return sum(self.desktop.gpu.process_bytes(pid) for pid in self._foreign)
+        return sum(self.desktop.gpu.process_bytes(pid) for pid in self._foreign.values())
 
     async def start(self, *, llm_wait_s: float) -> None:
         """Start the agent, the proxy in front of it and the controller, on ports of their own

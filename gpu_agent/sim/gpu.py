@@ -98,6 +98,16 @@ class SimGpu:
             proc = self._processes.get(pid)
             return proc.used_bytes if proc else 0
 
+    def holders(self) -> list[tuple[int, str, int]]:
+        """(pid, name, bytes) of every process holding memory, by pid; unlike `reading()` this
+        changes nothing (utilisation is measured between readings)."""
+        with self._lock:
+            return [
+                (p.pid, p.name, p.used_bytes)
+                for p in sorted(self._processes.values(), key=lambda p: p.pid)
+                if p.used_bytes > 0
+            ]
+
     def _used_locked(self) -> int:
         return sum(p.used_bytes for p in self._processes.values())
 
