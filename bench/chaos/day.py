@@ -73,15 +73,22 @@ class DayConfig:
     faults_per_day: float
     sample_interval_s: float
     start_s: float = 0.0
+    # Stop this far into the span (a replay up to a violation); None plays it all.
+    until_s: float | None = None
 
     def arrivals(self, seed: int) -> list[Arrival]:
         """The seed's studio day within the span, its times counted from `start_s`."""
-        end_s = self.start_s + self.span_s
+        end_s = self.start_s + min(self.span_s, self.until_s or self.span_s)
         return [
             dataclasses.replace(a, at_s=round(a.at_s - self.start_s, 3))
             for a in studio_day(seed=seed)
             if self.start_s <= a.at_s < end_s
         ]
+
+    def faults(self, seed: int) -> list[Fault]:
+        """The seed's fault schedule over the span (up to `until_s`)."""
+        faults = fault_schedule(seed, self.span_s, self.faults_per_day)
+        return [f for f in faults if self.until_s is None or f.at_s < self.until_s]
 
 
 class ChaosStopped(Exception):
@@ -476,7 +483,7 @@ def _judge_lines(status: int, lines: list[str]) -> tuple[str, str]:
 async def chaos_day(seed: int, config: DayConfig, data_dir: Path) -> DayResult:
     """One seed's day, from a fresh desktop and stack to the end checks."""
     arrivals = config.arrivals(seed)
-    faults = fault_schedule(seed, config.span_s, config.faults_per_day)
+    faults = config.faults(seed)
     desktop = SimDesktop(seed=seed, data_dir=data_dir / "desktop")
     await desktop.start()
     stack = ChaosStack(
