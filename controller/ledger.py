@@ -134,11 +134,14 @@ class AgentBook:
             return
         if self.run is not None:
             self.run.comfy_peak = max(self.run.comfy_peak, comfy)
-        elif status.comfyui.reachable and comfy > 0:
+        elif (
             # Only a running ComfyUI shows its floor (its CUDA context): one that is down holds
             # nothing, and a floor of 0 would count the next process's context as freeable.
-            if self.comfy_floor is None or comfy < self.comfy_floor:
-                self.comfy_floor = comfy
+            status.comfyui.reachable
+            and comfy > 0
+            and (self.comfy_floor is None or comfy < self.comfy_floor)
+        ):
+            self.comfy_floor = comfy
         if self.run is None and self.comfy_floor is not None and comfy <= self.comfy_floor:
             self.comfy_family = None  # nothing of a checkpoint is left in ComfyUI
 

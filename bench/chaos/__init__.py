@@ -21,7 +21,6 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from bench.chaos.day import DayConfig, DayResult, run_seed
@@ -124,16 +123,28 @@ def print_report(data: dict[str, Any]) -> None:
         f"Chaos: {len(data['seeds'])} seeds, {config['span_s'] / HOUR_S:g} simulated hours each "
         f"at {config['faults_per_simulated_day']:g} faults a simulated day; "
         f"{config['wall_s']} s wall",
-        ["seed", "faults", "image jobs", "llm requests", "lost", "doubled", "hung",
-         "self OOM", "self spill", "violations"],  # fmt: skip
+        [
+            "seed",
+            "faults",
+            "image jobs",
+            "llm requests",
+            "lost",
+            "doubled",
+            "hung",
+            "self OOM",
+            "self spill",
+            "violations",
+        ],
         rows,
     )
     recovery = total["recovery_s"]
     table(
         "Recovery after each fault (simulated seconds until the system serves again)",
         ["fault", "count", "p50", "p95", "worst"],
-        [[kind, total["faults"][kind], *(recovery[kind][q] for q in ("p50", "p95", "worst"))]
-         for kind in sorted(recovery)],  # fmt: skip
+        [
+            [kind, total["faults"][kind], *(recovery[kind][q] for q in ("p50", "p95", "worst"))]
+            for kind in sorted(recovery)
+        ],
     )
     foreign = data["foreign_caused"]
     print(f"caused by foreign allocations (not counted against the controller): "

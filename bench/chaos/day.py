@@ -179,10 +179,10 @@ class ChaosDay:
             work = asyncio.ensure_future(self._workload(http, arrivals))
             chaos = asyncio.ensure_future(self._faults(faults))
             monitor = asyncio.ensure_future(self._monitor())
-            stop = asyncio.ensure_future(self.stopped.wait())
-            both = asyncio.gather(work, chaos)
+            stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopped.wait())
+            both: asyncio.Future[Any] = asyncio.gather(work, chaos)
             try:
-                await asyncio.wait({stop, both}, return_when="FIRST_COMPLETED")
+                await asyncio.wait([stop, both], return_when="FIRST_COMPLETED")
             finally:
                 tasks = (work, chaos, monitor, stop, both)
                 for task in tasks:
@@ -391,12 +391,15 @@ class ChaosDay:
 
     async def _check_end(self, tasks_at_start: int, files_at_start: int) -> None:
         now = self.now()
-        # Give the system its bound to serve again after the last faults.
+        # Give the system its bound to serve again after the last faults, looking as often
+        # as the monitor did.
         deadline = now + RECOVERY_BOUND_S
-        while self.now() < deadline and not self.serving(self.now()):
+        serving = self.serving(self.now())
+        while not serving and self.now() < deadline:
             await asyncio.sleep(MONITOR_S)
-        if self.serving(self.now()):
-            self.checker.tick(self.now(), 0.0, True)
+            serving = self.serving(self.now())
+        if serving:
+            self.checker.tick(self.now(), 0.0, serving=True)
         self.note(self.checker.unrecovered(self.now()))
         stored = self._stored_jobs()
         stats = self.desktop.comfyui.stats

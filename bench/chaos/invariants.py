@@ -79,6 +79,13 @@ class _Job:
 
 
 @dataclass
+class _Window:
+    kind: str
+    start_s: float
+    end_s: float = math.inf  # while active
+
+
+@dataclass
 class _Recovery:
     kind: str
     since_s: float
@@ -112,8 +119,8 @@ class InvariantChecker:
     lost: int = 0
     doubled: int = 0
     _jobs: dict[str, _Job] = field(default_factory=dict)
-    # (kind, start, end) of every fault; end is +inf while active.
-    _windows: list[list[float | str]] = field(default_factory=list)
+    # When each fault was active.
+    _windows: list[_Window] = field(default_factory=list)
     _active: dict[int, int] = field(default_factory=dict)
     _oom_at: list[float] = field(default_factory=list)
     _recoveries: list[_Recovery] = field(default_factory=list)
@@ -128,18 +135,18 @@ class InvariantChecker:
     def fault_began(self, now: float, fault_id: int, kind: str) -> None:
         """Fault `fault_id` of `kind` was applied at `now`."""
         self._active[fault_id] = len(self._windows)
-        self._windows.append([kind, now, math.inf])
+        self._windows.append(_Window(kind, now))
 
     def fault_ended(self, now: float, fault_id: int) -> None:
         """Fault `fault_id` was reverted (or, a single blow, struck) at `now`: from here the
         system must serve again within the bound."""
-        index = self._active.pop(fault_id)
-        self._windows[index][2] = now
-        self._recoveries.append(_Recovery(str(self._windows[index][0]), now))
+        window = self._windows[self._active.pop(fault_id)]
+        window.end_s = now
+        self._recoveries.append(_Recovery(window.kind, now))
 
     def active_kinds(self) -> set[str]:
         """The kinds of fault active now."""
-        return {str(self._windows[i][0]) for i in self._active.values()}
+        return {self._windows[i].kind for i in self._active.values()}
 
     def tick(self, now: float, elapsed_s: float, serving: bool) -> list[Violation]:
         """`elapsed_s` seconds passed up to `now`; `serving` says whether the system serves
@@ -175,9 +182,7 @@ class InvariantChecker:
         return found
 
     def _kinds_between(self, start: float, end: float) -> set[str]:
-        return {
-            str(kind) for kind, began, ended in self._windows if began <= end and ended >= start
-        }  # type: ignore[operator]
+        return {w.kind for w in self._windows if w.start_s <= end and w.end_s >= start}
 
     # -- image jobs -------------------------------------------------------------------------
 

@@ -509,6 +509,48 @@ async def test_agent_restart_with_jobs_out_loses_nothing_and_runs_nothing_twice(
         await agent.stop()
 
 
+async def test_a_prompt_that_ended_while_the_agent_restarted_is_not_run_again(
+    desktop: SimDesktop, tmp_path: Path
+) -> None:
+    """A prompt ends while its agent restarts, then ComfyUI restarts and forgets it: the
+    controller, hearing of nothing meanwhile, asks again and gets the outcome, not a second run.
+
+    Found by the chaos day (seed 2): the new agent process ignored ComfyUI's events for the
+    prompt an earlier process had queued, so when the controller asked, nobody knew it and the
+    same prompt ran twice."""
+    agent = RestartableAgent(desktop, free_port())
+    try:
+        url = await agent.start()
+        async with (
+            LoopbackProxy(url) as proxy,
+            running_controller_on(proxy.url, tmp_path / "controller") as (controller, http),
+        ):
+            stack = Stack(desktop=desktop, agent=agent.running, controller=controller, http=http)
+            job = await stack.submit(sdxl(steps=40, seed=1))
+            await wait_running(stack, job["id"])
+            await proxy.cut()
+            await agent.stop()
+            await agent.start()
+            await wait_until(
+                lambda: desktop.comfyui.stats.succeeded == 1,
+                poll_s=POLL_S,
+                what="ComfyUI to finish the prompt",
+            )
+            await desktop.restart_comfyui()
+            await proxy.restore()
+
+            done = await stack.wait_job(job["id"])
+            assert done["state"] == "succeeded", done
+            assert done["attempts"] == 1
+            output = await stack.http.get(done["outputs"][0])
+            assert output.content.startswith(PNG_SIGNATURE)
+            stats = desktop.comfyui.stats
+            assert (stats.prompts_run, stats.succeeded) == (1, 1)
+            assert set(stats.runs_by_prompt.values()) == {1}
+    finally:
+        await agent.stop()
+
+
 class RestartableAgent:
     """An agent on the shared desktop that can be stopped and started again on one port."""
 

@@ -37,7 +37,7 @@ def test_a_failure_needs_a_fault_that_explains_it() -> None:
 
 
 def test_an_out_of_memory_failure_is_true_only_after_an_out_of_memory() -> None:
-    assert reason_causes("ran out of GPU memory on desk; its footprint grows") == {"oom"}
+    assert reason_causes("ran out of GPU memory on desk; its footprint grows") == frozenset({"oom"})
     check = checker()
     check.job_accepted(0.0, "a")
     check.out_of_memory(10.0, 1, foreign=True)
@@ -112,7 +112,8 @@ def test_recovery_is_timed_from_the_fault_end_and_bounded_in_fault_free_seconds(
     assert check.tick(250.0, 50.0, serving=False) == []
     late = check.tick(261.0, 11.0, serving=False)
     assert [v.invariant for v in late] == ["recovery", "recovery"]
-    assert "link_cut" in late[0].detail and "nvml_failing" in late[1].detail
+    assert "link_cut" in late[0].detail
+    assert "nvml_failing" in late[1].detail
 
     check.fault_began(270.0, 4, "ollama_hang")
     check.fault_ended(280.0, 4)

@@ -1,7 +1,8 @@
-"""The chaos day's fault schedule: seeded, exact in count, every kind, no kind overlapping itself."""
+"""The chaos day's fault schedule: seeded, exact in count, every kind, none overlapping itself."""
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 from bench.chaos.schedule import DAY_S, KINDS, fault_count, fault_schedule, kind_counts
@@ -34,7 +35,7 @@ def test_faults_are_in_time_order_and_one_kind_never_overlaps_itself() -> None:
         assert 0 <= fault.at_s <= 4 * 3600.0
         by_kind[fault.kind].append(fault)
     for kind, spells in by_kind.items():
-        for earlier, later in zip(spells, spells[1:], strict=False):
+        for earlier, later in itertools.pairwise(spells):
             assert earlier.end_s <= later.at_s, (kind, earlier, later)
         if KINDS[kind].max_s == 0:
             assert all(f.duration_s == 0 for f in spells)
