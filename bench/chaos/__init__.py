@@ -15,12 +15,15 @@ simulated time and the recent events are printed and kept under `stopped`, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from bench.chaos.day import DayConfig, DayResult, run_seed
@@ -51,19 +54,44 @@ def default_config(span_s: float = SPAN_S, faults: int = FAULTS_PER_SEED) -> Day
     )
 
 
-def _seed_run(seed: int, config: DayConfig) -> DayResult:
-    return run_seed(seed, config)
+# One seed's process may take this long (real seconds) before it counts as stuck.
+SEED_TIMEOUT_S = 1800.0
+
+
+def _seed_in_process(seed: int, config: DayConfig, folder: Path) -> DayResult:
+    """One seed's day in a fresh interpreter (`--child`), so seeds share nothing and a process
+    that dies says which seed it was and how; its result comes back as JSON in `folder`."""
+    out = folder / f"seed-{seed}.json"
+    command = [
+        sys.executable, "-X", "faulthandler", "-m", "bench", "chaos", "--child", str(out),
+        "--seed", str(seed), "--span-s", str(config.span_s), "--faults-per-day",
+        repr(config.faults_per_day),
+    ]  # fmt: skip
+    # A fixed hash seed: set iteration orders, and so the whole run, replay exactly.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    completed = subprocess.run(command, env=env, check=False, timeout=SEED_TIMEOUT_S)
+    if completed.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"seed {seed}: its process ended with status {completed.returncode}")
+    return DayResult(**json.loads(out.read_text()))
 
 
 def run_seeds(seeds: Sequence[int], config: DayConfig, workers: int) -> list[DayResult]:
-    """Every seed's day, in `workers` processes (fresh interpreters with a fixed hash seed, so
-    a seed replays exactly)."""
-    if workers <= 1:
-        return [run_seed(seed, config) for seed in seeds]
-    os.environ.setdefault("PYTHONHASHSEED", "0")
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_seed_run, seeds, [config] * len(seeds)))
+    """Every seed's day, `workers` at a time, each in a process of its own (one seed alone runs
+    here)."""
+    if len(seeds) == 1 and workers <= 1:
+        return [run_seed(seeds[0], config)]
+    with (
+        tempfile.TemporaryDirectory(prefix="chaos-results-") as tmp,
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
+        futures = [pool.submit(_seed_in_process, seed, config, Path(tmp)) for seed in seeds]
+        return [future.result() for future in futures]
+
+
+def _child(out: Path, seed: int, config: DayConfig) -> int:
+    result = run_seed(seed, config)
+    out.write_text(json.dumps(dataclasses.asdict(result)))
+    return 0
 
 
 def totals(results: Sequence[DayResult]) -> dict[str, Any]:
@@ -94,6 +122,11 @@ def report(results: Sequence[DayResult], config: DayConfig, wall_s: float) -> di
             "spill": sum(r.foreign_caused["spill"] for r in results),
         },
         "stopped": [r.stopped for r in results if r.stopped is not None],
+        "cost": {
+            "cpu_s_per_seed": {str(r.seed): r.cpu_s for r in results},
+            "cpu_s_total": round(sum(r.cpu_s for r in results), 1),
+            "peaks_per_seed": {str(r.seed): r.peaks for r in results},
+        },
         "config": {
             "span_s": config.span_s,
             "start_s": config.start_s,
@@ -122,7 +155,7 @@ def print_report(data: dict[str, Any]) -> None:
     table(
         f"Chaos: {len(data['seeds'])} seeds, {config['span_s'] / HOUR_S:g} simulated hours each "
         f"at {config['faults_per_simulated_day']:g} faults a simulated day; "
-        f"{config['wall_s']} s wall",
+        f"{config['wall_s']} s wall, {data['cost']['cpu_s_total']} CPU s",
         [
             "seed",
             "faults",
@@ -165,9 +198,15 @@ def run(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--span-s", type=float, default=SPAN_S)
     parser.add_argument("--faults", type=int, default=FAULTS_PER_SEED, help="faults per seed")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--faults-per-day", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv))
     seeds = args.seed if args.seed else list(range(args.seeds))
     config = default_config(args.span_s, args.faults)
+    if args.faults_per_day is not None:
+        config = dataclasses.replace(config, faults_per_day=args.faults_per_day)
+    if args.child is not None:
+        return _child(args.child, seeds[0], config)
     started = perf_s()
     results = run_seeds(seeds, config, min(args.workers, len(seeds)))
     data = report(results, config, perf_s() - started)

@@ -36,6 +36,7 @@ from controller.store import JobStore
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import SD15, SDXL, text_to_image
 from gpu_agent.sim.workload import Arrival, ImageArrival, LlmArrival, studio_day
+from gpu_common.clock import cpu_s
 from gpu_common.virtual_time import run_virtual
 
 TOKEN = "chaos-token"
@@ -60,6 +61,7 @@ FOREIGN_WINDOW_S = 300.0
 # Growth of tasks and open files from the start to the end of the day that counts as a leak.
 TASK_GROWTH_LIMIT = 40
 FILE_GROWTH_LIMIT = 40
+RSS_GROWTH_LIMIT_MIB = 512
 # Recent events kept for a violation's report.
 RECENT_EVENTS = 40
 
@@ -106,6 +108,7 @@ class DayResult:
     stopped: dict[str, Any] | None
     simulated_s: float
     peaks: dict[str, int]
+    cpu_s: float = 0.0
 
 
 def workflow_for(arrival: ImageArrival) -> dict[str, Any]:
@@ -119,6 +122,13 @@ def workflow_for(arrival: ImageArrival) -> dict[str, Any]:
 def open_files() -> int:
     """File descriptors this process holds (sockets included)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def rss_mib() -> int:
+    """This process's resident memory, in MiB."""
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024**2
 
 
 class ChaosDay:
@@ -143,7 +153,7 @@ class ChaosDay:
         self.foreign_news_at = -float("inf")
         self._tainted_runners: set[int] = set()
         self._gpu_history: collections.deque[tuple[float, int]] = collections.deque()
-        self.peaks = {"tasks": 0, "open_files": 0}
+        self.peaks = {"tasks": 0, "open_files": 0, "rss_mib": 0}
         self._crash_windows: list[tuple[float, float]] = []
         self._accepted: dict[int, str] = {}
 
@@ -169,6 +179,7 @@ class ChaosDay:
         """Play the arrivals and the faults, then drain and check the end."""
         tasks_at_start = len(asyncio.all_tasks())
         files_at_start = open_files()
+        rss_at_start = rss_mib()
         limits = httpx.Limits(max_connections=400, keepalive_expiry=None)
         async with httpx.AsyncClient(
             base_url=self.stack.controller_url,
@@ -191,7 +202,7 @@ class ChaosDay:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             if not self.stopped.is_set():
-                await self._check_end(tasks_at_start, files_at_start)
+                await self._check_end(tasks_at_start, files_at_start, rss_at_start)
         return self._result()
 
     async def _workload(self, http: httpx.AsyncClient, arrivals: list[Arrival]) -> None:
@@ -389,7 +400,7 @@ class ChaosDay:
 
     # -- the end ------------------------------------------------------------------------------
 
-    async def _check_end(self, tasks_at_start: int, files_at_start: int) -> None:
+    async def _check_end(self, tasks_at_start: int, files_at_start: int, rss_at_start: int) -> None:
         now = self.now()
         # Give the system its bound to serve again after the last faults, looking as often
         # as the monitor did.
@@ -405,7 +416,7 @@ class ChaosDay:
         stats = self.desktop.comfyui.stats
         self.note(
             self.checker.jobs_at_end(
-                self.now(), stored, stats.runs_by_prompt, stats.successes_by_prompt
+                self.now(), stored, stats.ends_by_prompt, stats.successes_by_prompt
             )
         )
         tasks, files = len(asyncio.all_tasks()), open_files()
@@ -416,8 +427,17 @@ class ChaosDay:
         self.note(
             self.checker.bounded(self.now(), "open files", files_at_start, files, FILE_GROWTH_LIMIT)
         )
-        self.event("end", tasks=tasks, tasks_at_start=tasks_at_start, files=files,
-                   files_at_start=files_at_start)  # fmt: skip
+        rss = rss_mib()
+        self.peaks["rss_mib"] = rss
+        self.note(
+            self.checker.bounded(self.now(), "RSS MiB", rss_at_start, rss, RSS_GROWTH_LIMIT_MIB)
+        )
+        self.event(
+            "end",
+            tasks=f"{tasks_at_start} -> {tasks}",
+            open_files=f"{files_at_start} -> {files}",
+            rss_mib=f"{rss_at_start} -> {rss}",
+        )
 
     def _stored_jobs(self) -> dict[str, JobEnd]:
         store = JobStore(self.stack.data_dir / STORE_FILE)
@@ -508,5 +528,8 @@ async def chaos_day(seed: int, config: DayConfig, data_dir: Path) -> DayResult:
 
 def run_seed(seed: int, config: DayConfig) -> DayResult:
     """One seed's day on a fresh virtual-time loop, in a folder of its own."""
+    started = cpu_s()
     with tempfile.TemporaryDirectory(prefix=f"chaos-{seed}-") as tmp:
-        return run_virtual(chaos_day(seed, config, Path(tmp)))
+        result = run_virtual(chaos_day(seed, config, Path(tmp)))
+    result.cpu_s = round(cpu_s() - started, 1)
+    return result

@@ -6,7 +6,8 @@ it needs to judge the promises:
 
 - every accepted image job ends exactly once (a final state never changes), and a failed job's
   reason names a cause that the faults of its lifetime explain; at the end none is left unended;
-- no job has two successful ComfyUI prompts, and no prompt runs twice;
+- no job has two successful ComfyUI prompts, and no prompt runs twice to its end (a run that a
+  ComfyUI restart cut short is lost work, and running it again is the recovery);
 - every LLM request gets an answer or a clear error, none hangs past its timeout;
 - out-of-memory failures and CPU spills are counted, those a foreign allocation explains apart;
 - after each fault the system serves again, with the ledger agreeing with the GPU, within
@@ -240,11 +241,12 @@ class InvariantChecker:
         self,
         now: float,
         stored: Mapping[str, JobEnd],
-        prompt_runs: Mapping[str, int],
+        prompt_ends: Mapping[str, int],
         prompt_successes: Mapping[str, int],
     ) -> list[Violation]:
         """At the end: every accepted job is in the store, ended, as it was last seen; no job
-        has two successful prompts and no prompt ran twice."""
+        has two successful prompts and no prompt ran to its end twice (`prompt_ends`: how
+        often each prompt id's execution ended)."""
         found: list[Violation] = []
         for job_id in sorted(self._jobs):
             end = stored.get(job_id)
@@ -255,7 +257,7 @@ class InvariantChecker:
                 continue
             found += self.job_seen(now, job_id, end.state, end.reason)
             successes = sum(prompt_successes.get(p, 0) for p in end.prompt_ids)
-            reruns = [p for p in end.prompt_ids if prompt_runs.get(p, 0) > 1]
+            reruns = [p for p in end.prompt_ids if prompt_ends.get(p, 0) > 1]
             if successes > 1 or reruns:
                 self.doubled += 1
                 found += self._found(

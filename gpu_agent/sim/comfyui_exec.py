@@ -252,6 +252,7 @@ class PromptExecutor:
         if not self.settings.smart_memory:
             self.memory.unload_all()
         self._count(ended, run)
+        self.stats.ends_by_prompt[run.prompt_id] += 1
         if ended == "success":
             self.stats.successes_by_prompt[run.prompt_id] += 1
         status = {

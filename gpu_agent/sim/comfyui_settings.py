@@ -45,9 +45,11 @@ class ComfyUIStats:
     # low-VRAM slowdown included), so a test can compare seconds per step between runs.
     sampler_steps: int = 0
     sampler_s: float = 0.0
-    # Per prompt id: how often it began executing, and how often it ran to success, so that a
-    # prompt run twice shows even when a restart has wiped the history.
+    # Per prompt id: how often it began executing, how often it ran to its end (success, error,
+    # out of memory or interrupt; not a run cut short by a restart) and how often to success,
+    # so that a prompt run twice shows even when a restart has wiped the history.
     runs_by_prompt: Counter[str] = field(default_factory=Counter)
+    ends_by_prompt: Counter[str] = field(default_factory=Counter)
     successes_by_prompt: Counter[str] = field(default_factory=Counter)
 
     @property
