@@ -69,10 +69,27 @@ def _seed_in_process(seed: int, config: DayConfig, folder: Path) -> DayResult:
     ]  # fmt: skip
     # A fixed hash seed: set iteration orders, and so the whole run, replay exactly.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    completed = subprocess.run(command, env=env, check=False, timeout=SEED_TIMEOUT_S)
-    if completed.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"seed {seed}: its process ended with status {completed.returncode}")
+    try:
+        completed = subprocess.run(command, env=env, check=False, timeout=SEED_TIMEOUT_S)
+        status = f"status {completed.returncode}"
+    except subprocess.TimeoutExpired:
+        status = f"no end within {SEED_TIMEOUT_S:.0f} s"
+    if not out.is_file():
+        return _broken(seed, f"the seed's process ended without a result ({status})")
     return DayResult(**json.loads(out.read_text()))
+
+
+def _broken(seed: int, detail: str) -> DayResult:
+    """A seed whose run broke down: no figures, one violation saying how."""
+    violation = {"invariant": "run completes", "at_s": 0.0, "detail": detail}
+    figures: dict[str, Any] = {
+        "faults": dict.fromkeys(sorted(KINDS), 0),
+        "image_jobs": 0, "llm_requests": 0, "lost": 0, "doubled": 0, "hung": 0,
+        "self_inflicted_oom": 0, "self_inflicted_spill": 0, "recovery_s": {},
+        "violations": [violation],
+    }  # fmt: skip
+    stopped = {"seed": seed, **violation, "recent_events": []}
+    return DayResult(seed, figures, {"oom": 0, "spill": 0}, {}, stopped, 0.0, {})
 
 
 def run_seeds(seeds: Sequence[int], config: DayConfig, workers: int) -> list[DayResult]:

@@ -11,6 +11,7 @@ The store's disk fills through `AsyncJobStore.hold_size`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -24,6 +25,7 @@ from controller.settings import AgentEndpoint, ControllerSettings
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
+from gpu_agent.sim.errors import SimOutOfMemory
 from gpu_common.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 AGENT_NAME = "desktop"
 # Process ids of foreign GPU processes: far from the desktop session's and the services'.
 FOREIGN_PID_BASE = 30_000
+# A ComfyUI that failed to start (no room for its CUDA context) is started again this often.
+COMFYUI_RESTART_S = 10.0
 
 
 T = TypeVar("T")
@@ -91,6 +95,7 @@ class ChaosStack:
         self._ollama_down: set[int] = set()
         self._foreign: dict[int, int] = {}
         self._store_full: set[int] = set()
+        self._comfyui_retry: asyncio.Task[None] | None = None
         self.controller_starts = 0
 
     @property
@@ -137,6 +142,10 @@ class ChaosStack:
 
     async def stop(self) -> None:
         """Stop everything that runs, in order, whatever the faults left."""
+        if self._comfyui_retry is not None:
+            self._comfyui_retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._comfyui_retry
         await self._controller.leave()
         if self.proxy is not None:
             await self.proxy.cut()
@@ -200,7 +209,7 @@ class ChaosStack:
         desktop = self.desktop
         kind = fault.kind
         if kind == "comfyui_restart":
-            await desktop.start_comfyui()
+            await self._start_comfyui()
         elif kind == "comfyui_ws_silent":
             desktop.comfyui.faults.websocket_silent = False
         elif kind == "ollama_slow":
@@ -239,6 +248,24 @@ class ChaosStack:
             self._store_full.discard(fault_id)
             if not self._store_full:
                 await self._hold_store_size(False)
+
+    async def _start_comfyui(self) -> None:
+        """Start ComfyUI; when the GPU has no room for its CUDA context it exits at once, and
+        is started again every `COMFYUI_RESTART_S`, as systemd's `Restart=always` would."""
+        if self._comfyui_retry is not None and not self._comfyui_retry.done():
+            return
+        try:
+            await self.desktop.start_comfyui()
+        except SimOutOfMemory:
+            log.warning("ComfyUI could not start (GPU full); trying again")
+            self._comfyui_retry = asyncio.create_task(self._retry_comfyui())
+
+    async def _retry_comfyui(self) -> None:
+        while True:
+            await asyncio.sleep(COMFYUI_RESTART_S)
+            with contextlib.suppress(SimOutOfMemory):
+                await self.desktop.start_comfyui()
+                return
 
     async def _hold_store_size(self, full: bool) -> None:
         running = self._controller.value
