@@ -2,7 +2,10 @@
 
 Each run is a whole stack on its own virtual-time loop: a quarter of a simulated hour with every
 kind of fault costs a few CPU seconds. The replays stop just after the moment their seed once
-broke an invariant; they must now pass it.
+broke an invariant; they must now pass it. The bugs seeds 0 and 2 found hours into the working
+day (a prompt run twice after a refused store write, or after an agent restart) would cost a
+minute of CPU each to replay; their tests in `tests/integration/test_system_faults.py` stage the
+same sequence of faults directly, and `make chaos` replays those seeds whole.
 """
 
 from __future__ import annotations
