@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-stress bench load security-report lint typecheck pytest sim clean redis chromium
+.PHONY: demo test test-stress bench chaos load security-report lint typecheck pytest sim clean redis chromium
 
 # The daemons need no extra. `report` (rich, matplotlib) draws the demo's and the benchmarks'
 # tables and charts; `workflows` (Celery, redis) runs the studio's workflows; `dev` (test, lint
@@ -55,6 +55,11 @@ test-stress: $(STAMP)
 
 bench: $(STAMP) redis
 	$(BIN)/python -m bench
+
+# A simulated working day per seed under 1,000 injected faults, invariants checked throughout;
+# 10 seeds, out/chaos.json. `python -m bench chaos --seed N` replays one seed.
+chaos: $(STAMP)
+	$(BIN)/python -m bench chaos
 
 # 500 streamed LLM requests and 1,000 image jobs at once through the controller; out/load.json.
 load: $(STAMP)

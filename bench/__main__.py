@@ -1,6 +1,8 @@
 """`make bench`: every benchmark in turn; together they write out/bench.json.
 
 Run one alone with `python -m bench scheduling` (or overhead, footprint, decisions, workflows).
+`python -m bench chaos [options]` runs the chaos day (`make chaos`), which `make bench` leaves
+out: it takes minutes of its own and writes out/chaos.json.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import decisions, footprint, overhead, scheduling, workflows
+from bench import chaos, decisions, footprint, overhead, scheduling, workflows
 from bench.report import RESULTS
 
 BENCHMARKS: dict[str, Callable[[], Any]] = {
@@ -24,10 +26,13 @@ BENCHMARKS: dict[str, Callable[[], Any]] = {
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["chaos"]:
+        return chaos.run(argv[1:])
     chosen = argv or list(BENCHMARKS)
     unknown = [name for name in chosen if name not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        known = ", ".join([*BENCHMARKS, "chaos"])
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {known}")
         return 2
     for name in chosen:
         print(f"\n== {name} ==", flush=True)

@@ -124,23 +124,33 @@ class OllamaStream:
     """An answer of the agent's `/api/*` pass-through, open inside `AgentLink.ollama_stream`:
     its status, its headers (case-insensitive) and its body as it arrives."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, *, read: bytes | None = None) -> None:
         self._response = response
+        # The whole body, when it was read already (an error answer, to tell whose it is).
+        self._read = read
         self.status_code = response.status
         self.headers = response.headers
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body's bytes, each piece as soon as it arrives."""
+        if self._read is not None:
+            return _once(self._read)
         return self._response.content.iter_any()
 
     @property
     def complete(self) -> bool:
         """Whether the whole body has arrived and been read: the latest piece was the last."""
-        return self._response.content.at_eof()
+        return self._read is not None or self._response.content.at_eof()
 
     async def aread(self) -> bytes:
         """The whole body (what is left of it)."""
+        if self._read is not None:
+            return self._read
         return await self._response.read()
+
+
+async def _once(piece: bytes) -> AsyncIterator[bytes]:
+    yield piece
 
 
 def attachment_filename(content_disposition: str | None) -> str | None:
@@ -530,11 +540,15 @@ class AgentLink:
             raise AgentUnavailable(self.name, f"{what} failed: {_describe(exc)}") from exc
         try:
             with self._converted(what, timeout):
-                agent_code = response.headers.get(ERROR_CODE_HEADER)
-                if response.status >= 400 and agent_code is not None:
-                    # The agent's own error (Ollama's pass through without the header).
-                    self._raise_for_answer(response.status, await response.read(), agent_code)
-                yield OllamaStream(response)
+                answer: bytes | None = None
+                if response.status >= 400:
+                    answer = await response.read()
+                    agent_code = response.headers.get(ERROR_CODE_HEADER)
+                    if agent_code is not None:
+                        # The agent's own error (Ollama's pass through without the header).
+                        self._raise_for_answer(response.status, answer, agent_code)
+                # Ollama's own error answer, read whole above, is passed on as it came.
+                yield OllamaStream(response, read=answer)
         finally:
             # Back to the pool when the answer was read to its end, else closed: that tells
             # the agent (and Ollama) to stop generating for a caller that went away.

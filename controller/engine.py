@@ -14,6 +14,7 @@ engine.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
@@ -57,6 +58,7 @@ class Engine:
         *,
         clock: Callable[[], float] = clock_mod.monotonic_s,
         wall: Callable[[], datetime] = clock_mod.utc_now,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -75,6 +77,7 @@ class Engine:
                 stale_after_s=settings.stale_after_s,
                 on_event=self._on_agent_event,
                 monotonic=clock,
+                rng=rng,
             )
         self.fleet = Fleet(links, reserve_bytes=settings.reserve_bytes)
         self.links = self.fleet.links

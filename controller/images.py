@@ -67,7 +67,7 @@ from controller.domain.image_jobs import (
 )
 from controller.domain.types import ImageJob, PolicyConfig, RunningImage
 from controller.domain.workflows import image_key
-from controller.errors import AgentError, AgentRejected
+from controller.errors import AgentError, AgentRejected, StoreError
 from controller.fleet import Fleet
 from controller.image_inputs import InputFiles, InputUnusable, NewInput, describe, upload_inputs
 from controller.knowledge import Knowledge
@@ -114,7 +114,10 @@ class TrackedJob:
     pass, not written); `progress` the latest progress its agent reported; `last_news_at` when
     the agent last spoke of it (minus infinity: ask at once); `cancelling` whether the caller
     asked to cancel it while it was out at an agent. News of the job is applied under `lock`, one
-    event at a time. `prompt_ids` are the ids its attempts were sent under.
+    event at a time. `prompt_ids` are the ids its attempts were sent under. `unstored` is news
+    (agent, prompt) whose change the store refused (its disk full): it is applied again on the
+    next reconcile pass rather than asked for, since the agent may forget it meanwhile; `fetched`
+    the output files already copied for a prompt, by its id, so they are not fetched again.
     """
 
     record: JobRecord
@@ -123,6 +126,8 @@ class TrackedJob:
     cancelling: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     prompt_ids: set[str] = field(default_factory=set)
+    unstored: tuple[str, PromptInfo] | None = None
+    fetched: dict[str, list[str]] = field(default_factory=dict)
 
     def view(self) -> ImageJobState:
         """The job as the core's transitions see it."""
@@ -462,11 +467,19 @@ class ImageScheduler:
                 continue
             if isinstance(action, FetchOutputs):
                 assert record.agent is not None
+                tracked = self._jobs.get(record.job_id)
+                prompt_id = attempt_prompt_id(record)
+                copied = tracked.fetched.get(prompt_id) if tracked is not None else None
+                if copied is not None and len(copied) == action.count:
+                    outputs = copied
+                    continue
                 try:
                     outputs = await self._fetch_outputs(record, record.agent, action.count)
                 except AgentError as exc:
                     log.warning("job %s: cannot fetch outputs yet: %s", record.job_id, exc)
                     return stored  # the reconcile pass asks again
+                if tracked is not None:
+                    tracked.fetched[prompt_id] = outputs
             elif isinstance(action, ReleaseRun):
                 peak = self._fleet.books[action.agent].finish_image(action.family)
                 if action.learn_peak and peak:
@@ -554,7 +567,7 @@ class ImageScheduler:
     def _give_back(self, admit: Admit) -> None:
         """Drop what an admission promised on its agent: the job will not be dispatched."""
         book = self._fleet.books[admit.agent]
-        book.finish_image(None)
+        book.finish_image(None, ran=False)
         book.unloading.difference_update(admit.room.unload)
         book.freeing_comfy -= int(admit.room.free_comfy)
 
@@ -763,7 +776,17 @@ class ImageScheduler:
                 nodes_total=prompt.nodes_total,
             )
             self.changes.fire()
-        await self._carry_out(tracked.record, change)
+        try:
+            await self._carry_out(tracked.record, change)
+        except StoreError as exc:
+            # Keep the news: the agent that gave it may forget it (a restart) before the store
+            # takes writes again, and asking then would run the prompt a second time.
+            if tracked.unstored is None:
+                log.warning("image job %s: news kept to store again: %s", job_id, exc)
+            tracked.unstored = (agent, prompt)
+            return
+        if tracked.unstored is not None and tracked.unstored[1].prompt_id == prompt.prompt_id:
+            tracked.unstored = None
 
     async def _fetch_outputs(self, record: JobRecord, agent: str, count: int) -> list[str]:
         link = self._fleet.links[agent]
@@ -783,6 +806,9 @@ class ImageScheduler:
             if record.state not in ("dispatched", "running") or record.agent is None:
                 continue
             tracked = self._jobs.get(record.job_id)
+            if tracked is not None and tracked.unstored is not None:
+                await self._apply(record.job_id, *tracked.unstored)
+                continue
             last_news_at = tracked.last_news_at if tracked is not None else -math.inf
             if now - last_news_at < QUIET_S:
                 continue

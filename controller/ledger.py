@@ -61,6 +61,10 @@ class AgentBook:
     comfy_family: str | None = None
     drain_since: float | None = None
     run: _ImageRun | None = None
+    # The image run that ended last, until `ENDED_SNAPSHOTS` snapshots have come since: the
+    # latest snapshot may predate what ComfyUI still holds of it (the checkpoint it caches).
+    settling: _ImageRun | None = None
+    settling_snapshots: int = 0
     # The agent's in-flight count per model in its latest snapshot, and requests of ours that
     # ended since, which that count may still include.
     reported: dict[str, int] = field(default_factory=dict)
@@ -84,11 +88,15 @@ class AgentBook:
         ComfyUI holds at dispatch): until ComfyUI's reading grows, the rest counts as pending."""
         self.run = _ImageRun(image, need_bytes, comfy_bytes, comfy_bytes)
 
-    def finish_image(self, family: str | None) -> int | None:
-        """The run ended; returns ComfyUI's peak memory during it (None if none was running)."""
+    def finish_image(self, family: str | None, *, ran: bool = True) -> int | None:
+        """The run ended; returns ComfyUI's peak memory during it (None if none was running).
+        Unless it never `ran` (an admission given back), its memory stays counted as pending
+        until snapshots taken after the end show what ComfyUI kept of it."""
         run, self.run = self.run, None
         if run is None:
             return None
+        if ran:
+            self.settling, self.settling_snapshots = run, 0
         if family is not None:
             self.comfy_family = family
         return run.comfy_peak
@@ -97,6 +105,10 @@ class AgentBook:
 
     def observe(self, status: AgentStatus, now: float) -> None:
         """Fold one snapshot in: residency times, ComfyUI's floor and peak."""
+        if self.settling is not None:
+            self.settling_snapshots += 1
+            if self.settling_snapshots >= ENDED_SNAPSHOTS:
+                self.settling = None
         resident = {m.name for m in status.ollama.resident}
         self.reported = {m.name: m.in_flight for m in status.ollama.resident}
         for ended in self.ended:
@@ -122,7 +134,13 @@ class AgentBook:
             return
         if self.run is not None:
             self.run.comfy_peak = max(self.run.comfy_peak, comfy)
-        elif self.comfy_floor is None or comfy < self.comfy_floor:
+        elif (
+            # Only a running ComfyUI shows its floor (its CUDA context): one that is down holds
+            # nothing, and a floor of 0 would count the next process's context as freeable.
+            status.comfyui.reachable
+            and comfy > 0
+            and (self.comfy_floor is None or comfy < self.comfy_floor)
+        ):
             self.comfy_floor = comfy
         if self.run is None and self.comfy_floor is not None and comfy <= self.comfy_floor:
             self.comfy_family = None  # nothing of a checkpoint is left in ComfyUI
@@ -197,6 +215,10 @@ def agent_state(
         comfy = min(comfy, floor)
         family = None
     running = None
+    if book.run is None and book.settling is not None:
+        # What ComfyUI may still hold of the run that just ended, beyond what is shown.
+        shown = max(0, comfy - book.settling.comfy_at_dispatch)
+        pending += max(0, book.settling.need_bytes - shown)
     if book.run is not None:
         running = book.run.image
         # What the job will still add: its need less what NVML already shows of it.

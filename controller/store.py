@@ -64,6 +64,9 @@ DEFAULT_BUSY_TIMEOUT_S: Final = 5.0
 # How long a learned value given to `put_learned_soon` may wait in memory before it is written.
 DEFAULT_LEARNED_FLUSH_S: Final = 5.0
 
+# SQLite's own ceiling on a file's pages: setting max_page_count to it lifts any limit.
+_UNLIMITED_PAGES: Final = 4294967294
+
 # Migration i takes the schema from user_version i to i + 1; append, never edit a released one.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -589,6 +592,18 @@ class JobStore:
                 _PUT_LEARNED, [(kind, key, text) for (kind, key), text in values.items()]
             )
 
+    def hold_size(self, full: bool) -> None:
+        """With `full`, the file may not grow by another page, as when its disk is full: SQLite
+        then fails a write that needs one with SQLITE_FULL ("database or disk is full"), while a
+        write that fits in the pages the file has still succeeds. For fault drills."""
+        self._check_open()
+        with _sqlite_errors("holding the size"):
+            if full:
+                pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+                self._conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+            else:
+                self._conn.execute(f"PRAGMA max_page_count = {_UNLIMITED_PAGES}")
+
     def close(self) -> None:
         """Close the connection; later calls raise `StoreError`. Closing twice is harmless."""
         if self._closed:
@@ -872,6 +887,29 @@ class AsyncJobStore:
         finally:
             # Calls queued before close() ran before it (one worker, in order); none can follow.
             self._executor.shutdown(wait=False)
+
+    async def abandon(self) -> None:
+        """Stop as a killed process would: learned values still pending are lost, nothing more
+        is written, and every later call raises `StoreError`. What was committed stays, exactly
+        as after SIGKILL; the connection is closed on its thread so that no file stays open.
+        For crash drills that reopen the same file in the same process."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._pending_learned = {}
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_on_worker)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def hold_size(self, full: bool) -> None:
+        """`JobStore.hold_size` on the worker: with `full` the file cannot grow, as on a full
+        disk."""
+        await self._call(lambda store: store.hold_size(full))
 
     def _close_on_worker(self) -> None:
         if self._opening.exception() is None:

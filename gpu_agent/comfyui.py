@@ -77,6 +77,12 @@ log = logging.getLogger(__name__)
 
 Connection = Literal["websocket", "polling", "down"]
 
+# ComfyUI's messages about one prompt, sent to the client id that queued it: one of them about
+# a prompt this process does not know makes it adopt the prompt (a previous process queued it).
+ADOPTING_MESSAGES = frozenset(
+    {"execution_start", "execution_cached", "executing", "progress", "executed",
+     "execution_success", "execution_error", "execution_interrupted"}
+)  # fmt: skip
 # Finished records kept for get()/records(); ComfyUI itself keeps 10000 history entries.
 MAX_FINISHED_RECORDS = 10_000
 # Preview frames can be whole images; text frames stay small.
@@ -595,8 +601,20 @@ class ComfyUIController:
         if message is None:
             return
         prompt_id = message.prompt_id
-        if prompt_id is None or prompt_id not in self._tracks:
+        if prompt_id is None:
             return
+        if prompt_id not in self._tracks:
+            if message.type not in ADOPTING_MESSAGES or prompt_id in self._unconfirmed:
+                # (An unconfirmed one is ours already: its retry looks it up before posting.)
+                return
+            # Our client id, but not a prompt this process submitted: one a previous agent
+            # process queued before it restarted. Follow it, so that its outcome is known here
+            # and a retry of the same id finds it instead of running it again (ComfyUI forgets
+            # it at its next restart).
+            log.info("prompt %s adopted: queued before this agent started", prompt_id)
+            self._tracks[prompt_id] = new_track(
+                prompt_id, submitted_at=clock.utc_now(), nodes_total=0
+            )
         self._apply(prompt_id, lambda t: apply_message(t, message, clock.utc_now()))
 
     def _recycle_deaf_socket(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -58,10 +59,14 @@ def _nvml_factory() -> Callable[[], GpuProbe]:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    settings: AgentSettings, desktop: SimDesktop | None = None
+    settings: AgentSettings,
+    desktop: SimDesktop | None = None,
+    *,
+    rng: random.Random | None = None,
 ) -> AsyncIterator[RunningAgent]:
     """Start the whole agent; stop it on exit. With `simulate` it runs on a simulated desktop:
-    `desktop` when given (already started, owned by the caller), else one of its own."""
+    `desktop` when given (already started, owned by the caller), else one of its own. `rng`
+    draws the jitter of the ComfyUI reconnects (a seeded one replays a simulated run exactly)."""
     async with contextlib.AsyncExitStack() as stack:
         clock: Callable[[], float] | None = None
         if settings.simulate or desktop is not None:
@@ -96,6 +101,7 @@ async def running_agent(
             request_timeout_s=settings.request_timeout_s,
             poll_interval_s=settings.sample_interval_s,
             quiet_after_s=settings.stale_after_s,
+            rng=rng,
         )
         service = AgentService(
             name=socket.gethostname(),

@@ -7,7 +7,8 @@ Every duration, deadline and timestamp in `gpu_agent` and `controller` comes fro
 - `utc_now()` is the wall clock for timestamps on the wire. On a `VirtualTimeLoop` it is the
   loop's fixed epoch plus its virtual seconds, so every timestamp agrees with every duration.
 - `perf_s()` is real elapsed time, for the one question virtual time cannot answer: how long a
-  run took on this machine (the demo's closing line, benchmarks of real overhead).
+  run took on this machine (the demo's closing line, benchmarks of real overhead); `cpu_s()`
+  is the CPU time it took.
 
 A test walks the packages and fails on any other read of `time.monotonic`, `time.time` or
 `datetime.now`, the way the core-purity test guards the policy core.
@@ -83,6 +84,12 @@ def perf_s() -> float:
     Never use it for a deadline or a policy decision: those follow `monotonic_s()`.
     """
     return time.perf_counter()
+
+
+def cpu_s() -> float:
+    """CPU seconds this process has used, for reporting what a run cost on this machine (a
+    busy machine stretches its wall time, not this)."""
+    return time.process_time()
 
 
 def http_keepalive_expiry_s() -> float | None:

@@ -4,7 +4,8 @@ the system and from the last load run (repository tooling, not part of either se
 It runs the fault and hostile-input test files that exist (`SUITES`; a file not written yet is
 listed as missing) with `--junitxml`, reads every test's outcome from the XML and what it tried
 from the test's docstring (its first paragraph; the test's name when it has none), reads
-`out/load.json` when `make load` has written one, and rewrites the part of SECURITY.md between
+`out/load.json` when `make load` has written one and `out/chaos.json` when `make chaos` has, and
+rewrites the part of SECURITY.md between
 `<!-- report:start -->` and `<!-- report:end -->`. Everything outside the markers is left alone.
 
 Exit status: 0 when every test that ran passed, 1 when one failed (the table is written either
@@ -187,6 +188,40 @@ def load_table(figures: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def chaos_table(figures: Mapping[str, Any]) -> list[str]:
+    """The chaos day's outcome and its recovery times per fault kind."""
+    config, total = figures["config"], figures["total"]
+    seeds = len(figures["seeds"])
+    faults = sum(total["faults"].values())
+    foreign = figures.get("foreign_caused", {})
+    lines = [
+        f"Chaos day (`make chaos`: {seeds} seeds, {config['span_s'] / 3600:g} simulated hours "
+        f"each at {config['faults_per_simulated_day']:g} faults a simulated day, every kind; "
+        f"{config['wall_s']} s wall on {config['cpus']} CPUs):",
+        "",
+        "| promise | result |",
+        "|---|---|",
+        f"| faults injected | {faults} |",
+        f"| accepted image jobs lost | {total['lost']} of {total['image_jobs']} |",
+        f"| jobs with two successful prompts, or a prompt run twice | {total['doubled']} |",
+        f"| LLM requests hung past their timeout | {total['hung']} of {total['llm_requests']} |",
+        f"| out-of-memory failures and CPU spills by the controller's own decision | "
+        f"{total['self_inflicted_oom']} and {total['self_inflicted_spill']} "
+        f"({foreign.get('oom', 0)} and {foreign.get('spill', 0)} caused by foreign "
+        f"allocations) |",
+        f"| invariant violations | {len(total['violations'])} |",
+        "",
+        "| fault | count | recovery p50 (s) | p95 (s) | worst (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, quantiles in sorted(total["recovery_s"].items()):
+        lines.append(
+            f"| {kind} | {total['faults'].get(kind, 0)} | {quantiles['p50']} | "
+            f"{quantiles['p95']} | {quantiles['worst']} |"
+        )
+    return lines
+
+
 def _states(states: Mapping[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"
 
@@ -196,6 +231,8 @@ def report(
     missing: Sequence[tuple[str, str]],
     load: Mapping[str, Any] | None,
     load_path: Path,
+    chaos: Mapping[str, Any] | None = None,
+    chaos_path: Path | None = None,
 ) -> str:
     counts: dict[str, int] = {}
     for row in rows:
@@ -214,6 +251,14 @@ def report(
         lines.append(f"No load figures: `{shown}` not found (run `make load` first).")
     else:
         lines += load_table(load)
+    lines.append("")
+    if chaos is None:
+        shown = chaos_path or Path("out/chaos.json")
+        if shown.is_relative_to(ROOT):
+            shown = shown.relative_to(ROOT)
+        lines.append(f"No chaos figures: `{shown}` not found (run `make chaos` first).")
+    else:
+        lines += chaos_table(chaos)
     return "\n".join(lines)
 
 
@@ -230,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--document", type=Path, default=ROOT / "SECURITY.md")
     parser.add_argument("--junit", type=Path, default=ROOT / "out" / "security-junit.xml")
     parser.add_argument("--load", type=Path, default=ROOT / "out" / "load.json")
+    parser.add_argument("--chaos", type=Path, default=ROOT / "out" / "chaos.json")
     parser.add_argument(
         "--no-run", action="store_true", help="reuse the junit file instead of running pytest"
     )
@@ -247,15 +293,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     areas = {path.removesuffix(".py").replace("/", "."): area for area, path in present}
     rows = read_junit(args.junit, areas) if present and args.junit.is_file() else []
     load = json.loads(args.load.read_text(encoding="utf-8")) if args.load.is_file() else None
+    chaos = json.loads(args.chaos.read_text(encoding="utf-8")) if args.chaos.is_file() else None
     try:
         updated = rewrite(
-            args.document.read_text(encoding="utf-8"), report(rows, missing, load, args.load)
+            args.document.read_text(encoding="utf-8"),
+            report(rows, missing, load, args.load, chaos, args.chaos),
         )
     except (OSError, ValueError) as exc:
         print(f"cannot update {args.document}: {exc}")
         return 2
     args.document.write_text(updated, encoding="utf-8")
-    print(f"{args.document}: {len(rows)} tests, load figures {'included' if load else 'absent'}")
+    print(
+        f"{args.document}: {len(rows)} tests, load figures {'included' if load else 'absent'}, "
+        f"chaos figures {'included' if chaos else 'absent'}"
+    )
     failed = any(row.result in ("failed", "error") for row in rows)
     return 1 if failed or status == 1 else 0
 

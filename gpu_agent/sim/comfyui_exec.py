@@ -206,6 +206,7 @@ class PromptExecutor:
         self.running_prompt_id = item.prompt_id
         self.client_id = item.client_id
         self.stats.prompts_run += 1
+        self.stats.runs_by_prompt[item.prompt_id] += 1
         events = PromptEvents(self.sink, self.clock, item)
         run = PromptRun(item.prompt_id, item.prompt, item.extra_data, self._check_interrupt)
         events.record("execution_start", {})
@@ -304,6 +305,9 @@ class PromptExecutor:
         if not self.settings.smart_memory:
             self.memory.unload_all()
         self._count(ended, run)
+        self.stats.ends_by_prompt[run.prompt_id] += 1
+        if ended == "success":
+            self.stats.successes_by_prompt[run.prompt_id] += 1
         status = {
             "status_str": "success" if ended == "success" else "error",
             "completed": ended == "success",

@@ -6,7 +6,8 @@ times are simulated seconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from gpu_agent.sim.catalog import MIB
 
@@ -47,6 +48,12 @@ class ComfyUIStats:
     # low-VRAM slowdown included), so a test can compare seconds per step between runs.
     sampler_steps: int = 0
     sampler_s: float = 0.0
+    # Per prompt id: how often it began executing, how often it ran to its end (success, error,
+    # out of memory or interrupt; not a run cut short by a restart) and how often to success,
+    # so that a prompt run twice shows even when a restart has wiped the history.
+    runs_by_prompt: Counter[str] = field(default_factory=Counter)
+    ends_by_prompt: Counter[str] = field(default_factory=Counter)
+    successes_by_prompt: Counter[str] = field(default_factory=Counter)
 
     @property
     def seconds_per_step(self) -> float:

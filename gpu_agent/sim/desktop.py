@@ -159,6 +159,21 @@ class SimDesktop:
         """Ollama's server comes back on the same port, with no model loaded."""
         await self.ollama_server.start()
 
+    def open_foreign_process(
+        self, pid: int, name: str, cmdline: tuple[str, ...], vram_bytes: int
+    ) -> int:
+        """A process outside the stack (a game, a browser, someone's script) starts on the GPU
+        and takes `vram_bytes`, or what is free when less is (as a game lowers its texture
+        budget); returns the bytes it took. `close_foreign_process(pid)` gives them back."""
+        self.gpu.attach(pid, name, cmdline)
+        taken = max(0, min(vram_bytes, self.gpu.free_bytes()))
+        self.gpu.allocate(pid, taken)
+        return taken
+
+    def close_foreign_process(self, pid: int) -> None:
+        """The foreign process `pid` exits: its memory is free again."""
+        self.gpu.detach(pid)
+
     async def restart_ollama(self, downtime_real_s: float = 0.0) -> None:
         """`stop_ollama()`, stay down `downtime_real_s` seconds, then `start_ollama()`."""
         await self.stop_ollama()

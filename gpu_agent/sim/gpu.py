@@ -98,6 +98,16 @@ class SimGpu:
             proc = self._processes.get(pid)
             return proc.used_bytes if proc else 0
 
+    def holders(self) -> list[tuple[int, str, int]]:
+        """(pid, name, bytes) of every process holding memory, by pid; unlike `reading()` this
+        changes nothing (utilisation is measured between readings)."""
+        with self._lock:
+            return [
+                (p.pid, p.name, p.used_bytes)
+                for p in sorted(self._processes.values(), key=lambda p: p.pid)
+                if p.used_bytes > 0
+            ]
+
     def _used_locked(self) -> int:
         return sum(p.used_bytes for p in self._processes.values())
 
@@ -250,11 +260,26 @@ class SimGpuProbe:
     """The simulated GPU behind the `GpuProbe` contract, so the agent reads it like NVML.
 
     `failing` makes every read raise `ProbeError`, as NVML does when the driver goes away.
+    `stale` makes every read return the readings of the moment it was set, unchanged, as a
+    wedged driver's cached counters do: the caller cannot tell them from fresh ones.
     """
 
     def __init__(self, gpus: list[SimGpu]) -> None:
         self._gpus = gpus
         self.failing = False
+        self._frozen: list[GpuReading] | None = None
+
+    @property
+    def stale(self) -> bool:
+        """Whether reads return the readings frozen when `stale` was set."""
+        return self._frozen is not None
+
+    @stale.setter
+    def stale(self, value: bool) -> None:
+        if not value:
+            self._frozen = None
+        elif self._frozen is None:
+            self._frozen = [gpu.reading() for gpu in self._gpus]
 
     @property
     def backend(self) -> str:
@@ -268,6 +293,8 @@ class SimGpuProbe:
         """One reading per GPU; raises `ProbeError` while `failing`."""
         if self.failing:
             raise ProbeError("simulated NVML failure: driver not loaded")
+        if self._frozen is not None:
+            return list(self._frozen)
         return [gpu.reading() for gpu in self._gpus]
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.ollama import MIDSTREAM_ERROR
+from gpu_agent.sim.workflows import SD15, text_to_image
 from gpu_common import clock
 from tests import waiting
 from tests.integration.error_bodies import error_of
@@ -375,6 +377,23 @@ async def test_ollama_failing_mid_stream_reaches_the_client_as_its_error_line(
     assert response.json()["done"] is True
 
 
+async def test_ollama_failing_an_unstreamed_answer_reaches_the_client_with_its_error(
+    stack: Stack,
+) -> None:
+    """Ollama fails a generation that is not streamed: its 500 and its error reach the client.
+
+    Found by the chaos day (seed 1): the controller read the error body to tell Ollama's
+    errors from the agent's, then passed on the emptied answer, a 500 with no body."""
+    stack.desktop.ollama.faults.fail_stream_after_tokens = 3
+    response = await stack.generate(SMALL, options={"num_predict": 64})
+    assert response.status_code == 500, response.text
+    assert response.json() == {"error": MIDSTREAM_ERROR}
+    assert stack.engine.llm.in_flight == 0
+    stack.desktop.ollama.faults.clear()
+    response = await stack.generate(SMALL, options={"num_predict": 8})
+    assert response.status_code == 200, response.text
+
+
 async def test_ollama_down_shows_in_the_fleet_and_images_still_run(stack: Stack) -> None:
     await stack.desktop.stop_ollama()
     try:
@@ -489,6 +508,105 @@ async def test_agent_restart_with_jobs_out_loses_nothing_and_runs_nothing_twice(
             assert jobs[job_ids[0]]["attempts"] == 1
             assert desktop.comfyui.stats.prompts_run == len(job_ids)
             assert (await fleet_agent(stack))["healthy"] is True
+    finally:
+        await agent.stop()
+
+
+async def test_a_prompt_that_ended_while_the_agent_restarted_is_not_run_again(
+    desktop: SimDesktop, tmp_path: Path
+) -> None:
+    """A prompt ends while its agent restarts, then ComfyUI restarts and forgets it: the
+    controller, hearing of nothing meanwhile, asks again and gets the outcome, not a second run.
+
+    Found by the chaos day (seed 2): the new agent process ignored ComfyUI's events for the
+    prompt an earlier process had queued, so when the controller asked, nobody knew it and the
+    same prompt ran twice."""
+    agent = RestartableAgent(desktop, free_port())
+    try:
+        url = await agent.start()
+        async with (
+            LoopbackProxy(url) as proxy,
+            running_controller_on(proxy.url, tmp_path / "controller") as (controller, http),
+        ):
+            stack = Stack(desktop=desktop, agent=agent.running, controller=controller, http=http)
+            job = await stack.submit(sdxl(steps=40, seed=1))
+            await wait_running(stack, job["id"])
+            await proxy.cut()
+            await agent.stop()
+            await agent.start()
+            await wait_until(
+                lambda: desktop.comfyui.stats.succeeded == 1,
+                poll_s=POLL_S,
+                what="ComfyUI to finish the prompt",
+            )
+            await desktop.restart_comfyui()
+            await proxy.restore()
+
+            done = await stack.wait_job(job["id"])
+            assert done["state"] == "succeeded", done
+            assert done["attempts"] == 1
+            output = await stack.http.get(done["outputs"][0])
+            assert output.content.startswith(PNG_SIGNATURE)
+            stats = desktop.comfyui.stats
+            assert (stats.prompts_run, stats.succeeded) == (1, 1)
+            assert set(stats.runs_by_prompt.values()) == {1}
+    finally:
+        await agent.stop()
+
+
+# SQLite keeps up to this many bytes of a row in its page (4096-byte pages); a row that grows
+# past it needs an overflow page, which a file that cannot grow does not have.
+ROW_IN_PAGE_BYTES = 4061
+
+
+def workflow_outgrowing_its_page(outputs: int, prefix_chars: int) -> dict[str, Any]:
+    """An SD1.5 workflow whose stored job fits in its page while it runs and, with `outputs`
+    output files named after a `prefix_chars` prefix, outgrows it when it succeeds."""
+    prefix = "p" * prefix_chars
+    workflow = text_to_image(SD15, width=512, height=512, batch=outputs, steps=20, prefix=prefix)
+    size = len(json.dumps(workflow, separators=(",", ":")))
+    # About 300 bytes of other columns, 3,700 in all: under the page's limit while it runs, and
+    # well over it once the outputs' names (and the progress) are stored with the success.
+    workflow["6"]["inputs"]["text"] += " " * (3400 - size)
+    growth = outputs * (prefix_chars + len("00-_00001_.png") + 3)
+    assert 3400 + 300 + growth > ROW_IN_PAGE_BYTES + 300
+    return workflow
+
+
+async def test_news_the_full_store_refused_is_stored_later_not_asked_for_again(
+    desktop: SimDesktop, tmp_path: Path
+) -> None:
+    """A job succeeds while the store's disk is full, then the agent and ComfyUI restart and
+    forget it: once the disk has room the job is stored as succeeded, not run again.
+
+    Found by the chaos day (seed 0): the success the store refused was dropped, so the
+    controller later asked the agent, which no longer knew the prompt, and ran it again."""
+    agent = RestartableAgent(desktop, free_port())
+    try:
+        url = await agent.start()
+        async with running_controller_on(url, tmp_path / "controller") as (controller, http):
+            stack = Stack(desktop=desktop, agent=agent.running, controller=controller, http=http)
+            job = await stack.submit(workflow_outgrowing_its_page(outputs=4, prefix_chars=180))
+            await wait_running(stack, job["id"])
+            await controller.engine.store.hold_size(True)
+            outputs = tmp_path / "controller" / "outputs" / job["id"]
+            await wait_until(
+                lambda: outputs.is_dir() and len(list(outputs.iterdir())) == 4,
+                poll_s=POLL_S,
+                what="the controller to copy the outputs of the finished prompt",
+            )
+            assert (await stack.job(job["id"]))["state"] == "running"
+            await agent.stop()
+            await desktop.restart_comfyui()
+            await agent.start()
+            stack.agent = agent.running
+            await controller.engine.store.hold_size(False)
+
+            done = await stack.wait_job(job["id"])
+            assert done["state"] == "succeeded", done
+            assert len(done["outputs"]) == 4
+            stats = desktop.comfyui.stats
+            assert (stats.prompts_run, stats.succeeded) == (1, 1)
     finally:
         await agent.stop()
 
