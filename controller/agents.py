@@ -124,18 +124,32 @@ class OllamaStream:
     """An answer of the agent's `/api/*` pass-through, open inside `AgentLink.ollama_stream`:
     its status, its headers (case-insensitive) and its body as it arrives."""
 
-    def __init__(self, response: aiohttp.ClientResponse, *, read: bytes | None = None) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        converted: Callable[[], contextlib.AbstractContextManager[None]],
+        *,
+        read: bytes | None = None,
+    ) -> None:
         self._response = response
+        self._converted = converted
         # The whole body, when it was read already (an error answer, to tell whose it is).
         self._read = read
         self.status_code = response.status
         self.headers = response.headers
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body's bytes, each piece as soon as it arrives."""
+        """The body's bytes, each piece as soon as it arrives; a transport failure while
+        reading raises `AgentUnavailable` from the iteration itself, so the caller can still
+        end its own answer in its own format."""
         if self._read is not None:
             return _once(self._read)
-        return self._response.content.iter_any()
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        with self._converted():
+            async for piece in self._response.content.iter_any():
+                yield piece
 
     @property
     def complete(self) -> bool:
@@ -548,7 +562,7 @@ class AgentLink:
                         # The agent's own error (Ollama's pass through without the header).
                         self._raise_for_answer(response.status, answer, agent_code)
                 # Ollama's own error answer, read whole above, is passed on as it came.
-                yield OllamaStream(response, read=answer)
+                yield OllamaStream(response, lambda: self._converted(what, timeout), read=answer)
         finally:
             # Back to the pool when the answer was read to its end, else closed: that tells
             # the agent (and Ollama) to stop generating for a caller that went away.

@@ -118,6 +118,8 @@ class TrackedJob:
     (agent, prompt) whose change the store refused (its disk full): it is applied again on the
     next reconcile pass rather than asked for, since the agent may forget it meanwhile; `fetched`
     the output files already copied for a prompt, by its id, so they are not fetched again.
+    `dispatching` is set while a dispatch (making room, then submitting) is under way: the
+    reconcile pass leaves such a job alone.
     """
 
     record: JobRecord
@@ -128,6 +130,7 @@ class TrackedJob:
     prompt_ids: set[str] = field(default_factory=set)
     unstored: tuple[str, PromptInfo] | None = None
     fetched: dict[str, list[str]] = field(default_factory=dict)
+    dispatching: bool = False
 
     def view(self) -> ImageJobState:
         """The job as the core's transitions see it."""
@@ -482,7 +485,11 @@ class ImageScheduler:
                     tracked.fetched[prompt_id] = outputs
             elif isinstance(action, ReleaseRun):
                 peak = self._fleet.books[action.agent].finish_image(action.family)
-                if action.learn_peak and peak:
+                # Only the agent's readings taken during the run are learned: the snapshots
+                # the ledger saw may all have missed a short job, and a peak learned too low
+                # admits the next one into an out-of-memory failure.
+                if action.learn_peak_bytes:
+                    peak = action.learn_peak_bytes
                     await self._knowledge.record_image_peak(self.key_of(record), peak)
             elif isinstance(action, GrowFootprint):
                 now = self._clock()
@@ -516,6 +523,7 @@ class ImageScheduler:
                 tracked = self._jobs.get(record.job_id)
                 if tracked is not None:
                     self._remember_prompt(tracked)
+                    tracked.dispatching = True
                 self._spawn(self._dispatch(stored, admit))
             elif isinstance(action, GiveBack):
                 assert admit is not None
@@ -702,6 +710,8 @@ class ImageScheduler:
             await self._carry_out(self._latest(record), self._decide(record.job_id, failed))
             return
         finally:
+            if (tracked := self._jobs.get(record.job_id)) is not None:
+                tracked.dispatching = False
             book = fleet.books[admit.agent]
             book.unloading.difference_update(admit.room.unload)
             book.freeing_comfy -= int(admit.room.free_comfy)
@@ -765,6 +775,7 @@ class ImageScheduler:
             error=prompt.error,
             outputs=len(prompt.outputs),
             oom=prompt.reason == OOM_REASON,
+            peak_vram_bytes=prompt.peak_vram_bytes,
         )
         change = self._decide(job_id, news)
         if change.news_at is not None:
@@ -809,6 +820,8 @@ class ImageScheduler:
             if tracked is not None and tracked.unstored is not None:
                 await self._apply(record.job_id, *tracked.unstored)
                 continue
+            if tracked is not None and tracked.dispatching:
+                continue  # its dispatch is still making room or submitting
             last_news_at = tracked.last_news_at if tracked is not None else -math.inf
             if now - last_news_at < QUIET_S:
                 continue
@@ -822,6 +835,14 @@ class ImageScheduler:
                 continue  # its jobs wait for it
             try:
                 prompt = await link.prompt(attempt_prompt_id(record))
+                if prompt is None and record.state == "dispatched":
+                    # Neither the agent nor its ComfyUI has it: the dispatch never arrived
+                    # (the controller stopped or the link broke while it made room). Its room
+                    # may not have been made, so the job is planned again.
+                    await self._requeue(
+                        record.job_id, f"its dispatch to {record.agent} never arrived"
+                    )
+                    continue
                 if prompt is None:
                     # The agent restarted and forgot it; the same id again is safe (it asks
                     # ComfyUI first), and runs it only if ComfyUI never had it. Its pictures

@@ -16,7 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
+from controller.errors import AgentError
 from controller.llm import LlmRouter, Route
+from gpu_common.error_shapes import OPENAI_PATHS
 
 # Keep the final NDJSON line of a stream for learning; a line longer than this is not kept.
 _MAX_FINAL_LINE = 4 * 1024 * 1024
@@ -65,13 +67,19 @@ async def relay(
             if not whole:
                 await response.prepare(request)
                 await response.write(first)
-                async for chunk in pieces:
-                    if final is not None:
-                        final.feed(chunk)
-                    if upstream.complete:
-                        last = chunk  # sent with the end of the stream, in one write
-                        break
-                    await response.write(chunk)
+                try:
+                    async for chunk in pieces:
+                        if final is not None:
+                            final.feed(chunk)
+                        if upstream.complete:
+                            last = chunk  # sent with the end of the stream, in one write
+                            break
+                        await response.write(chunk)
+                except AgentError as exc:
+                    # The status line is out: the stream ends with an error in its own format,
+                    # as Ollama ends a generation that fails midway.
+                    final = None
+                    last = stream_error(path, f"the answer broke off: {exc}")
             # The model is free once the answer is complete: release before the caller sees
             # the end, or its next request could find the model still counted as busy.
             router.release(route)
@@ -83,6 +91,15 @@ async def relay(
         return response
     finally:
         router.release(route)
+
+
+def stream_error(path: str, message: str) -> bytes:
+    """The last piece of a stream that failed after its headers went out: an SSE error event
+    on the OpenAI routes, else an NDJSON `{"error": ...}` line as Ollama writes it."""
+    if path in OPENAI_PATHS:
+        error = {"message": message, "type": "api_error", "param": None, "code": None}
+        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+    return json.dumps({"error": message}).encode() + b"\n"
 
 
 class _FinalLine:

@@ -210,7 +210,7 @@ def _prompt_id(request: web.Request) -> str:
 
 async def get_prompt(request: web.Request) -> web.Response:
     prompt_id = _prompt_id(request)
-    info = request.app[SERVICE_KEY].get_prompt(prompt_id)
+    info = await request.app[SERVICE_KEY].get_prompt(prompt_id)
     if info is None:
         raise NotFound(f"no prompt {prompt_id}")
     return _json(info)

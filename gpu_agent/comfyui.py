@@ -195,6 +195,31 @@ class ComfyUIController:
         track = self._tracks.get(prompt_id)
         return track.record if track else None
 
+    async def find(self, prompt_id: str) -> PromptRecord | None:
+        """The record of `prompt_id`, also for one this adapter does not track (it restarted
+        since the submit): that one is looked up in ComfyUI's queue and history and followed
+        from then on. None only when neither knows it; raises `ComfyUIUnavailable` when
+        ComfyUI cannot say."""
+        inflight = self._submitting.get(prompt_id)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        track = self._tracks.get(prompt_id)
+        if track is not None:
+            return track.record
+        running, pending = await self._queue_ids()
+        history = await self._history_entry(prompt_id)
+        if prompt_id not in running and prompt_id not in pending and history is None:
+            return None
+        if prompt_id in self._submitting or prompt_id in self._tracks:
+            # A submit of the same id came while we looked; it settles the record.
+            return await self.find(prompt_id)
+        track = new_track(prompt_id, submitted_at=clock.utc_now(), nodes_total=0)
+        transition = reconcile(
+            track, running_ids=running, pending_ids=pending, history=history, now=clock.utc_now()
+        )
+        self._tracks[prompt_id] = transition.track
+        return self._publish_submitted(prompt_id)
+
     def records(self) -> list[PromptRecord]:
         """Every submitted prompt's record, oldest first."""
         return [t.record for pid, t in self._tracks.items() if pid not in self._submitting]

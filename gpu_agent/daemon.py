@@ -111,6 +111,7 @@ async def running_agent(
             sample_interval_s=settings.sample_interval_s,
             unload_timeout_s=settings.unload_timeout_s,
             free_timeout_s=settings.free_timeout_s,
+            peak_interval_s=settings.prompt_peak_interval_s,
             clock=clock or clock_mod.monotonic_s,
             # Twice within the staleness limit, so an idle agent never looks stale to a
             # listener that uses the same limit.

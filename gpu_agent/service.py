@@ -32,6 +32,7 @@ from gpu_agent.errors import (
 )
 from gpu_agent.gpu.attribution import classify
 from gpu_agent.ollama import AvailableModel, OllamaClient, RunningModel
+from gpu_agent.prompt_peaks import PromptPeaks
 from gpu_agent.telemetry import TelemetrySampler, TelemetrySnapshot
 from gpu_common import clock
 from gpu_common.errors import Conflict
@@ -82,6 +83,9 @@ SUBSCRIBER_QUEUE = 256
 RECENT_PROMPTS = 50
 # Default longest silence between two snapshots on the event stream.
 SNAPSHOT_HEARTBEAT_S = 2.5
+# How often ComfyUI's memory is read while a prompt runs, for the prompt's peak: short enough
+# to catch an SD1.5 image (a few seconds) several times over.
+PEAK_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -124,6 +128,7 @@ class AgentService:
         clock: Callable[[], float] = clock.monotonic_s,
         wall: Callable[[], datetime] = clock.utc_now,
         snapshot_heartbeat_s: float = SNAPSHOT_HEARTBEAT_S,
+        peak_interval_s: float = PEAK_INTERVAL_S,
     ) -> None:
         self.name = name
         self.sampler = sampler
@@ -135,6 +140,10 @@ class AgentService:
         # Longest silence on the event stream: an unchanged snapshot is sent again after this
         # long, so a listener can tell an idle agent from a dead one.
         self.snapshot_heartbeat_s = snapshot_heartbeat_s
+        # While a prompt runs, ComfyUI's memory is read this often for its peak.
+        self.peak_interval_s = peak_interval_s
+        self._peaks = PromptPeaks()
+        self._prompt_started = asyncio.Event()
         # Durations we report (load time, unload wait) use `clock`; on the simulated desktop it is
         # the simulated clock, so figures stay true to the hardware being modelled.
         self._clock = clock
@@ -170,6 +179,7 @@ class AgentService:
         self._tasks = [
             asyncio.create_task(self._watch(), name="agent-watch"),
             asyncio.create_task(self._publish_snapshots(), name="agent-snapshots"),
+            asyncio.create_task(self._watch_prompt_peaks(), name="agent-prompt-peaks"),
         ]
 
     async def stop(self) -> None:
@@ -283,15 +293,34 @@ class AgentService:
         )
 
     def _on_prompt_event(self, event: PromptEvent) -> None:
+        if event.kind == "started":
+            self._prompt_started.set()
         if event.kind == "finished":
             log.info(
                 "prompt %s %s: %s", event.record.prompt_id, event.record.state, event.record.reason
             )
         self._publish(
             AgentEvent(
-                type="prompt", at=self._wall(), event=event.kind, prompt=prompt_info(event.record)
+                type="prompt", at=self._wall(), event=event.kind, prompt=self._info(event.record)
             )
         )
+
+    async def _watch_prompt_peaks(self) -> None:
+        """Read ComfyUI's memory every `peak_interval_s` while a prompt runs, for its peak;
+        asleep while none does."""
+        while True:
+            running = [r.prompt_id for r in self.comfyui.records() if r.state == "running"]
+            if not running:
+                self._prompt_started.clear()
+                await self._prompt_started.wait()
+                continue
+            comfyui_bytes = await self.sampler.owner_bytes_now("comfyui")
+            if comfyui_bytes is not None:
+                self._peaks.observe(running, comfyui_bytes)
+            await asyncio.sleep(self.peak_interval_s)
+
+    def _info(self, record: PromptRecord) -> PromptInfo:
+        return prompt_info(record, peak_vram_bytes=self._peaks.peak(record.prompt_id))
 
     async def _publish_snapshots(self) -> None:
         """A snapshot whenever the status changes, and at least every `snapshot_heartbeat_s`
@@ -389,7 +418,7 @@ class AgentService:
             last_message_age_s=round(age, 3) if age is not None else None,
             queue_running=self._comfy_state.queue_running,
             queue_pending=self._comfy_state.queue_pending,
-            prompts=[prompt_info(r) for r in live + done],
+            prompts=[self._info(r) for r in live + done],
         )
 
     # -- Ollama ---------------------------------------------------------------------------
@@ -548,16 +577,17 @@ class AgentService:
 
     async def submit_prompt(self, workflow: dict[str, Any], prompt_id: str | None) -> PromptInfo:
         """Queue a workflow on ComfyUI, idempotently per id (see `ComfyUIController.submit`)."""
-        return prompt_info(await self.comfyui.submit(workflow, prompt_id))
+        return self._info(await self.comfyui.submit(workflow, prompt_id))
 
-    def get_prompt(self, prompt_id: str) -> PromptInfo | None:
-        """The prompt's state, or None if this agent never submitted it."""
-        record = self.comfyui.get(prompt_id)
-        return prompt_info(record) if record is not None else None
+    async def get_prompt(self, prompt_id: str) -> PromptInfo | None:
+        """The prompt's state, or None when neither this agent nor its ComfyUI knows it (one
+        submitted before the agent restarted is found in ComfyUI and followed again)."""
+        record = await self.comfyui.find(prompt_id)
+        return self._info(record) if record is not None else None
 
     async def cancel_prompt(self, prompt_id: str) -> PromptInfo:
         """Dequeue or interrupt the prompt; raises `PromptNotFound` for an id never submitted."""
-        return prompt_info(await self.comfyui.cancel(prompt_id))
+        return self._info(await self.comfyui.cancel(prompt_id))
 
     async def upload(
         self,
@@ -712,7 +742,8 @@ def gpu_info(reading: GpuReading, by_owner: dict[str, int]) -> GpuInfo:
     )
 
 
-def prompt_info(record: PromptRecord) -> PromptInfo:
+def prompt_info(record: PromptRecord, *, peak_vram_bytes: int | None = None) -> PromptInfo:
+    """A prompt record on the wire, with ComfyUI's measured peak while it ran if known."""
     return PromptInfo(
         prompt_id=record.prompt_id,
         state=record.state,
@@ -728,6 +759,7 @@ def prompt_info(record: PromptRecord) -> PromptInfo:
         error=record.error,
         error_type=record.error_type,
         reason=record.reason,
+        peak_vram_bytes=peak_vram_bytes,
     )
 
 

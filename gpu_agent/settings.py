@@ -73,6 +73,12 @@ class AgentSettings(ServiceSettings):
     sample_interval_s: float = Field(
         default=1.0, ge=0.05, le=60.0, description="Seconds between GPU telemetry samples."
     )
+    prompt_peak_interval_s: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=60.0,
+        description="Seconds between readings of ComfyUI's memory while a prompt runs (its peak).",
+    )
     stale_after_s: float = Field(
         default=5.0,
         gt=0.0,

@@ -147,6 +147,20 @@ class TelemetrySampler:
             self._published.notify_all()
         return snapshot
 
+    async def owner_bytes_now(self, owner: str) -> int | None:
+        """GPU memory `owner` (a process class such as "comfyui") holds now on all GPUs, read
+        without publishing a snapshot; None when the GPU cannot be read."""
+        probe = await self._ensure_probe(self._monotonic())
+        if probe is None:
+            return None
+        try:
+            sample = await asyncio.to_thread(self._read_gpus, probe)
+        except Exception:
+            # The periodic sample reports why the GPU cannot be read; a peak reading is skipped.
+            log.debug("GPU read for the %s peak failed", owner, exc_info=True)
+            return None
+        return sum(owners.get(owner, 0) for owners in sample.memory_by_owner)
+
     async def wait_for(self, seq_after: int, timeout_s: float) -> TelemetrySnapshot:
         """The first snapshot with `seq > seq_after`; raises `TimeoutError` after `timeout_s`."""
 

@@ -312,6 +312,12 @@ class PromptInfo(WireModel):
     error: str | None
     error_type: str | None
     reason: str | None
+    peak_vram_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="ComfyUI's GPU memory at its highest while the prompt ran, from readings "
+        "taken during the run; null when none was",
+    )
 
 
 Workflow = Annotated[

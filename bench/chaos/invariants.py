@@ -50,7 +50,7 @@ _PATH_FAULTS: Final = frozenset(
 REASON_CAUSES: Final[tuple[tuple[re.Pattern[str], frozenset[str]], ...]] = (
     (re.compile(r"ComfyUI on \S+ restarted and lost it"), frozenset({"comfyui_restart"})),
     (re.compile(r"ran out of GPU memory"), frozenset({"oom"})),
-    (re.compile(r"dispatch to \S+ (failed|refused)"), _PATH_FAULTS),
+    (re.compile(r"dispatch to \S+ (failed|refused|never arrived)"), _PATH_FAULTS),
 )
 
 

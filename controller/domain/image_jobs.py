@@ -124,7 +124,8 @@ class AgentGone:
 @dataclass(frozen=True, slots=True)
 class PromptNews:
     """What `agent` said of prompt `prompt_id`: its state, and for a finished prompt how it
-    ended (`outputs` files; `oom` when ComfyUI ran out of GPU memory)."""
+    ended (`outputs` files; `oom` when ComfyUI ran out of GPU memory; `peak_vram_bytes`,
+    ComfyUI's memory at its highest in readings the agent took while it ran)."""
 
     agent: str
     prompt_id: str
@@ -133,6 +134,7 @@ class PromptNews:
     error: str | None = None
     outputs: int = 0
     oom: bool = False
+    peak_vram_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,11 +223,12 @@ class FetchOutputs:
 @dataclass(frozen=True, slots=True)
 class ReleaseRun:
     """End the job's run in `agent`'s ledger book, noting `family` as the checkpoint ComfyUI
-    keeps loaded (None: unknown); `learn_peak` learns the memory peak measured during it."""
+    keeps loaded (None: unknown); `learn_peak_bytes` is a peak measured during the run to learn
+    for the job's kind of image (None: nothing to learn)."""
 
     agent: str
     family: str | None = None
-    learn_peak: bool = False
+    learn_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +431,10 @@ def _prompt_news(job: ImageJobState, news: PromptNews, now: float) -> Transition
             job,
             "succeeded",
             f"finished on {agent} with {news.outputs} output(s)",
-            before=(FetchOutputs(news.outputs), ReleaseRun(agent, job.family, learn_peak=True)),
+            before=(
+                FetchOutputs(news.outputs),
+                ReleaseRun(agent, job.family, learn_peak_bytes=news.peak_vram_bytes),
+            ),
             news_at=now,
             with_result=True,
         )

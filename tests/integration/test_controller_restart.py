@@ -165,8 +165,13 @@ async def test_restart_resumes_held_and_running_jobs_and_keeps_learned_values(
 
         jobs = await wait_all_final(http, job_ids)
         await assert_each_succeeded_once(http, desktop, jobs)
-        # The job that was out on the agent was followed, not dispatched again.
-        assert jobs[first]["attempts"] == 1
+        if at_stop[first] == "running":
+            # The job that was out on the agent was followed, not dispatched again.
+            assert jobs[first]["attempts"] == 1
+        else:
+            # Stopped while its dispatch made room: one the agent never received is planned
+            # again (a second attempt); either way ComfyUI ran it once (checked above).
+            assert jobs[first]["attempts"] <= 2
         assert controller.engine.images.counts() == {"succeeded": len(job_ids)}
         footprints = (await http.get("/v1/catalog")).json()["image_footprints_bytes"]
         assert set(footprints) == {"sdxl:1024x1024x1", "sd15:512x512x1"}

@@ -689,6 +689,47 @@ async def test_link_cut_holds_new_work_and_resumes_without_loss(
         assert response.status_code == 200, response.text
 
 
+async def test_a_link_cut_mid_stream_ends_the_stream_with_an_error_line(
+    desktop: SimDesktop, tmp_path: Path
+) -> None:
+    """The link to the agent breaks while an answer streams: the client's stream ends with an
+    error line in Ollama's format, not with a second status line on the same connection."""
+    async with (
+        running_agent(agent_config(), desktop) as agent,
+        LoopbackProxy(agent.url) as proxy,
+        running_controller_on(proxy.url, tmp_path / "controller", llm_wait_s=LLM_WAIT_S) as (
+            controller,
+            http,
+        ),
+    ):
+        body = {"model": SMALL, "prompt": "tell a story", "options": {"num_predict": 400}}
+        lines: list[dict[str, Any]] = []
+        async with http.stream("POST", "/api/generate", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                lines.append(json.loads(line))
+                if len(lines) == 3:
+                    await proxy.cut()
+        assert all(line.get("done") is False for line in lines[:3])
+        assert "error" in lines[-1], lines[-1]
+        assert "broke off" in lines[-1]["error"]
+        assert controller.engine.llm.in_flight == 0
+        await proxy.restore()
+        async with httpx.AsyncClient(base_url=controller.url, headers=http.headers) as again:
+            await wait_until(
+                lambda: again_ok(again), poll_s=POLL_S, what="the controller to serve again"
+            )
+
+
+async def again_ok(http: httpx.AsyncClient) -> bool:
+    response = await http.post(
+        "/api/generate", json={"model": SMALL, "prompt": "hi", "stream": False}
+    )
+    return response.status_code == 200
+
+
 class LoopbackProxy:
     """A TCP relay on loopback in front of `target_url` whose link can be cut and restored.
 

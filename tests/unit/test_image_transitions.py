@@ -23,6 +23,7 @@ from controller.domain.image_jobs import (
     Requeue,
     RoomMade,
     SubmitAnswered,
+    Transition,
     Unplaceable,
     WorkflowRejected,
     oom_footprint,
@@ -205,3 +206,18 @@ def test_an_oom_grows_the_footprint_up_to_the_largest_budget(
     peak: int, budgets: list[int], grown: int
 ) -> None:
     assert oom_footprint(peak, budgets) == grown
+
+
+def test_only_a_success_learns_and_only_the_peak_the_agent_measured_during_the_run() -> None:
+    measured = transition(job(), news("succeeded", outputs=1, peak_vram_bytes=5 << 30), NOW,
+                          max_attempts=3)  # fmt: skip
+    unmeasured = transition(job(), news("succeeded", outputs=1), NOW, max_attempts=3)
+    failed = transition(job(), news("failed", reason="x", peak_vram_bytes=5 << 30), NOW,
+                        max_attempts=3)  # fmt: skip
+
+    def learned(change: Transition) -> list[int | None]:
+        return [a.learn_peak_bytes for a in change.actions if isinstance(a, ReleaseRun)]
+
+    assert learned(measured) == [5 << 30]
+    assert learned(unmeasured) == [None]
+    assert learned(failed) == [None]
