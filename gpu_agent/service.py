@@ -86,6 +86,8 @@ SNAPSHOT_HEARTBEAT_S = 2.5
 # How often ComfyUI's memory is read while a prompt runs, for the prompt's peak: short enough
 # to catch an SD1.5 image (a few seconds) several times over.
 PEAK_INTERVAL_S = 0.5
+# The reading that closes an ended prompt's peak is skipped after this long (a wedged driver).
+PEAK_CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -144,6 +146,7 @@ class AgentService:
         self.peak_interval_s = peak_interval_s
         self._peaks = PromptPeaks()
         self._prompt_started = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
         # Durations we report (load time, unload wait) use `clock`; on the simulated desktop it is
         # the simulated clock, so figures stay true to the hardware being modelled.
         self._clock = clock
@@ -184,9 +187,10 @@ class AgentService:
 
     async def stop(self) -> None:
         """Stop the background tasks, ComfyUI follower and sampler, and close the Ollama client."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._closing]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
@@ -299,6 +303,23 @@ class AgentService:
             log.info(
                 "prompt %s %s: %s", event.record.prompt_id, event.record.state, event.record.reason
             )
+            if self._peaks.begin_close(event.record.prompt_id):
+                # The end goes out with the peak made final by one more reading.
+                task = asyncio.create_task(self._close_peak(event))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                return
+        self._publish_prompt_event(event)
+
+    async def _close_peak(self, event: PromptEvent) -> None:
+        comfyui_bytes = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PEAK_CLOSE_TIMEOUT_S):
+                comfyui_bytes = await self.sampler.owner_bytes_now("comfyui")
+        self._peaks.close(event.record.prompt_id, comfyui_bytes)
+        self._publish_prompt_event(event)
+
+    def _publish_prompt_event(self, event: PromptEvent) -> None:
         self._publish(
             AgentEvent(
                 type="prompt", at=self._wall(), event=event.kind, prompt=self._info(event.record)

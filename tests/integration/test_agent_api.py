@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
-from gpu_agent.sim.desktop import SimDesktop
+from gpu_agent.sim.desktop import COMFYUI_PID, SimDesktop
 from gpu_agent.sim.gpu import GIB, MIB
 from gpu_agent.sim.workflows import SD15, text_to_image
 from gpu_common.schema import AgentEvent, AgentStatus, LoadResult, UnloadResult
@@ -127,6 +127,11 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 def runner_pids(desktop: SimDesktop) -> list[int]:
     return [info.pid for info in desktop.ollama.runners()]
+
+
+def comfyui_gpu_bytes(desktop: SimDesktop) -> int:
+    """ComfyUI's GPU memory as the simulated card's ledger has it."""
+    return desktop.gpu.process_bytes(COMFYUI_PID)
 
 
 def ollama_gpu_bytes(desktop: SimDesktop) -> int:
@@ -607,6 +612,28 @@ async def test_prompt_runs_to_a_png(client: httpx.AsyncClient, desktop: SimDeskt
     )
     status = await fetch_status(client)
     assert [(p.prompt_id, p.state) for p in status.comfyui.prompts] == [(prompt_id, "succeeded")]
+
+
+async def test_a_prompt_that_ends_between_two_samples_still_reports_its_peak(
+    desktop: SimDesktop,
+) -> None:
+    """An SD1.5 image takes a few seconds; with telemetry every 30 s no periodic sample sees
+    it run, yet the prompt reports ComfyUI's memory at its peak, read while it ran."""
+    settings = agent_settings(sample_interval_s=30.0, stale_after_s=90.0)
+    async with running_agent(settings, desktop) as agent, api_client(agent) as client:
+        before = comfyui_gpu_bytes(desktop)
+        response = await client.post("/v1/comfyui/prompts", json={"workflow": txt2img()})
+        assert response.status_code == 202, response.text
+        assert response.json()["peak_vram_bytes"] is None
+        done = await wait_prompt(client, response.json()["prompt_id"])
+        assert done["state"] == "succeeded", done
+        # What ComfyUI keeps after the run (weights and the allocator's cache) is what it
+        # held at the peak; before the run it held only its CUDA context.
+        after = comfyui_gpu_bytes(desktop)
+        assert after > before
+        assert done["peak_vram_bytes"] >= after
+        status = await fetch_status(client)
+        assert status.comfyui.prompts[-1].peak_vram_bytes == done["peak_vram_bytes"]
 
 
 async def test_resubmitting_the_same_prompt_id_runs_it_once(

@@ -17,8 +17,18 @@ from typing import Any
 
 import pytest
 
+from gpu_agent.daemon import running_agent
 from gpu_agent.sim.desktop import SimDesktop
-from tests.integration.stack import POLL_S, Stack, drain, running_stack, sd15, sdxl
+from tests.integration.stack import (
+    POLL_S,
+    Stack,
+    agent_settings,
+    drain,
+    running_controller_on,
+    running_stack,
+    sd15,
+    sdxl,
+)
 from tests.waiting import wait_until
 
 BIG = "qwen2.5:14b"
@@ -330,3 +340,26 @@ async def burst(stack: Stack) -> None:
     assert served[4] == SMALL
     assert stack.desktop.comfyui.stats.prompts_run == len(workflows)
     assert_no_collision(stack)
+
+
+async def test_a_short_image_between_two_telemetry_samples_is_learned_at_its_true_peak(
+    desktop: SimDesktop, tmp_path: Path
+) -> None:
+    """With telemetry every 10 s an SD1.5 image comes and goes between two snapshots. Its
+    footprint is learned from the agent's readings during the run, not from the snapshots,
+    which would show only ComfyUI's context and plan the next job into an out-of-memory
+    failure (a chaos day found this)."""
+    sparse = agent_settings().model_copy(update={"sample_interval_s": 10.0, "stale_after_s": 30.0})
+    async with (
+        running_agent(sparse, desktop) as agent,
+        running_controller_on(agent.url, tmp_path / "controller", stale_after_s=30.0) as (
+            controller,
+            http,
+        ),
+    ):
+        stack = Stack(desktop=desktop, agent=agent, controller=controller, http=http)
+        job = await stack.submit(sd15(steps=4))
+        assert (await stack.wait_job(job["id"]))["state"] == "succeeded"
+        held_after = stack.comfy_bytes()
+        learned = (await http.get("/v1/catalog")).json()["image_footprints_bytes"]
+        assert learned["sd15:512x512x1"] >= held_after

@@ -24,3 +24,21 @@ def test_only_the_latest_prompts_are_kept() -> None:
     assert [peaks.peak(p) for p in ("a", "b", "c")] == [None, 1, 1]
     with pytest.raises(ValueError, match="at least 1"):
         PromptPeaks(kept=0)
+
+
+def test_an_ended_prompt_reads_none_until_its_closing_reading_is_in() -> None:
+    peaks = PromptPeaks()
+    peaks.observe(["a"], 3 << 30)
+    assert peaks.begin_close("a") is True
+    assert peaks.peak("a") is None
+    peaks.close("a", 4 << 30)
+    assert peaks.peak("a") == 4 << 30
+    # A failed closing reading leaves the peak as the run's readings had it.
+    peaks.observe(["b"], 2 << 30)
+    peaks.begin_close("b")
+    peaks.close("b", None)
+    assert peaks.peak("b") == 2 << 30
+    # Nothing to close for a prompt never read while it ran: it keeps no peak.
+    assert peaks.begin_close("never-ran") is False
+    peaks.close("never-ran", 5 << 30)
+    assert peaks.peak("never-ran") is None
