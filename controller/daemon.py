@@ -88,6 +88,9 @@ async def running_controller(
             await store.abandon()
             await _cut_connections(runner)
             await engine.stop()
+            # The app's own background tasks (the dashboard's history) die with the process
+            # too; they hold nothing that would reach the disk in a clean shutdown.
+            await runner.cleanup()
 
         yield RunningController(engine=engine, url=url, _crash=crash)
 

@@ -383,3 +383,26 @@ async def test_sigkill_between_upload_and_dispatch_keeps_the_jobs_pictures(
     finally:
         await first.stop()
         await second.stop()
+
+
+def controller_tasks() -> list[str]:
+    """The running tasks whose coroutine is the controller's own code."""
+    package = str(Path(StudioClient.__module__.replace(".", "/")).parent)
+    names = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and f"/{package}/" in code.co_filename:
+            names.append(task.get_coro().__qualname__)
+    return sorted(names)
+
+
+async def test_a_crash_drill_leaves_no_task_of_the_controller_behind(
+    agent: RunningAgent, tmp_path: Path
+) -> None:
+    """An in-process crash stands for SIGKILL, which ends every task of the process; the
+    dashboard's history follower once outlived it, one more task per crash of a chaos day."""
+    assert controller_tasks() == []
+    async with running_controller_on(agent.url, tmp_path / "controller") as (controller, _):
+        assert "follow_history" in controller_tasks()
+        await controller.crash()
+        assert controller_tasks() == []
