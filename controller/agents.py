@@ -59,6 +59,7 @@ from gpu_common.schema import (
     UnloadResult,
     UploadResult,
 )
+from gpu_common.tls import verify_for
 
 log = logging.getLogger(__name__)
 
@@ -587,6 +588,7 @@ class AgentLink:
         if self._http is None or self._http.is_closed:
             self._http = httpx.AsyncClient(
                 base_url=self.url,
+                verify=verify_for(self.url),
                 headers=self._headers,
                 timeout=self._timeout(None),
                 transport=self._transport,

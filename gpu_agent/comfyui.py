@@ -62,6 +62,7 @@ from gpu_agent.errors import (
 from gpu_common import clock
 from gpu_common.backoff import Backoff
 from gpu_common.schema import FINAL_STATES, PromptState, UploadResult
+from gpu_common.tls import verify_for
 
 __all__ = [
     "FINAL_STATES",
@@ -123,6 +124,7 @@ class ComfyUIController:
         self._monotonic = monotonic
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
+            verify=verify_for(self._base_url),
             timeout=httpx.Timeout(request_timeout_s),
             transport=transport,
             trust_env=False,

@@ -14,6 +14,7 @@ import httpx
 
 from gpu_agent.errors import ModelNotFound, OllamaError, OllamaRejected, OllamaUnavailable
 from gpu_common import clock
+from gpu_common.tls import verify_for
 
 # An expiry this far out means "pinned" (keep_alive < 0); Ollama reports year 2318.
 _PINNED_AFTER_YEAR = 2200
@@ -87,6 +88,7 @@ class OllamaClient:
         self.load_timeout_s = load_timeout_s
         self.http = httpx.AsyncClient(
             base_url=self.base_url,
+            verify=verify_for(self.base_url),
             timeout=httpx.Timeout(request_timeout_s),
             transport=transport,
             # Room for 64 concurrent streams through the pass-through and the agent's own

@@ -295,20 +295,25 @@ def add_openapi_route(
     version: str,
     description: str,
     token_required: bool,
-) -> dict[str, Any]:
-    """Add `GET /openapi.json` to `app` (call it after every other route) and return the
-    document it serves. `docs` must describe the new route too: `("GET", OPENAPI_PATH)`."""
+) -> None:
+    """Add `GET /openapi.json` to `app` (call it after every other route). `docs` must
+    describe the new route too: `("GET", OPENAPI_PATH)`. The document is built at the first
+    request and kept: building it costs about a tenth of a second, which a service restarted
+    often should not pay at every start."""
+    built: list[dict[str, Any]] = []
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(document)
+        if not built:
+            built.append(
+                build_openapi(
+                    request.app,
+                    docs,
+                    title=title,
+                    version=version,
+                    description=description,
+                    token_required=token_required,
+                )
+            )
+        return web.json_response(built[0])
 
     app.router.add_get(OPENAPI_PATH, openapi)
-    document = build_openapi(
-        app,
-        docs,
-        title=title,
-        version=version,
-        description=description,
-        token_required=token_required,
-    )
-    return document

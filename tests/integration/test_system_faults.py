@@ -394,6 +394,28 @@ async def test_ollama_failing_an_unstreamed_answer_reaches_the_client_with_its_e
     assert response.status_code == 200, response.text
 
 
+async def test_a_dispatch_slowed_by_its_unload_is_not_submitted_before_the_room_is_made(
+    stack: Stack,
+) -> None:
+    """An SDXL job must wait for qwen2.5:14b to be unloaded, and a slow Ollama makes that
+    unload take seconds. The reconcile pass, which asks the agent about jobs it has heard
+    nothing of, must leave a dispatch under way alone: once it found the prompt unknown and
+    submitted it before the unload, into an out-of-memory failure (a chaos day found this)."""
+    response = await stack.generate("qwen2.5:14b", options={"num_predict": 8})
+    assert response.status_code == 200, response.text
+    stack.desktop.ollama.faults.response_delay_s = 4.0
+    try:
+        job = await stack.submit(sdxl(steps=20))
+        done = await stack.wait_job(job["id"])
+    finally:
+        stack.desktop.ollama.faults.clear()
+    assert done["state"] == "succeeded", done
+    assert done["attempts"] == 1
+    stats = stack.desktop.comfyui.stats
+    assert (stats.prompts_run, stats.failed_oom) == (1, 0)
+    assert "qwen2.5:14b" not in stack.resident()
+
+
 async def test_ollama_down_shows_in_the_fleet_and_images_still_run(stack: Stack) -> None:
     await stack.desktop.stop_ollama()
     try:
