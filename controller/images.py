@@ -694,8 +694,7 @@ class ImageScheduler:
                 workflow = await self._with_inputs(link, record)
             prompt = await link.submit(workflow, attempt_prompt_id(record))
         except InputUnusable as exc:
-            lost = InputsUnusable(str(exc))
-            await self._carry_out(self._latest(record), self._decide(record.job_id, lost))
+            await self._dispatch_ended(record, InputsUnusable(str(exc)))
             return
         except AgentRejected as exc:
             event: Event
@@ -703,11 +702,12 @@ class ImageScheduler:
                 event = WorkflowRejected(admit.agent, exc.agent_message)
             else:
                 event = DispatchFailed(f"dispatch to {admit.agent} refused: {exc}")
-            await self._carry_out(self._latest(record), self._decide(record.job_id, event))
+            await self._dispatch_ended(record, event)
             return
         except AgentError as exc:
-            failed = DispatchFailed(f"dispatch to {admit.agent} failed: {exc}")
-            await self._carry_out(self._latest(record), self._decide(record.job_id, failed))
+            await self._dispatch_ended(
+                record, DispatchFailed(f"dispatch to {admit.agent} failed: {exc}")
+            )
             return
         finally:
             if (tracked := self._jobs.get(record.job_id)) is not None:
@@ -722,6 +722,15 @@ class ImageScheduler:
             with contextlib.suppress(AgentError):
                 prompt = await link.cancel(attempt_prompt_id(record))
         await self._apply(record.job_id, admit.agent, prompt)
+
+    async def _dispatch_ended(self, record: JobRecord, event: Event) -> None:
+        """A dispatch that did not submit: carry out what `event` decides. When the store
+        refuses the write (its disk full), the job stays dispatched there; the reconcile pass
+        finds its prompt unknown and plans it again."""
+        try:
+            await self._carry_out(self._latest(record), self._decide(record.job_id, event))
+        except StoreError as exc:
+            log.warning("image job %s: %s; not stored (%s)", record.job_id, event, exc)
 
     async def _with_inputs(self, link: AgentLink, record: JobRecord) -> dict[str, Any]:
         """The job's workflow once its pictures are on `link`'s ComfyUI, naming them."""

@@ -36,6 +36,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from gpu_agent.comfyui_outputs import MAX_FILES_PER_NODE, SavedImageProbe, tag_outputs
 from gpu_agent.comfyui_state import (
     EventKind,
     OutputFile,
@@ -137,6 +138,9 @@ class ComfyUIController:
         # Ids whose POST /prompt got no answer: ComfyUI may or may not have queued them.
         self._unconfirmed: set[str] = set()
         self._history_wanted: set[str] = set()
+        # Where each prompt's SaveImage nodes write their first files: found on disk, they
+        # prove a prompt ComfyUI no longer knows ran to its end.
+        self._probes: dict[str, tuple[SavedImageProbe, ...]] = {}
         self._reconcile_due = False
         self._wake = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -243,6 +247,9 @@ class ComfyUIController:
         track = self._tracks.get(pid)
         if track is not None:
             return track.record
+        workflow, probes = tag_outputs(workflow, pid)
+        if probes:
+            self._probes[pid] = probes
         future: asyncio.Future[PromptRecord] = asyncio.get_running_loop().create_future()
         self._submitting[pid] = future
         self._tracks[pid] = new_track(pid, submitted_at=clock.utc_now(), nodes_total=len(workflow))
@@ -303,11 +310,20 @@ class ComfyUIController:
         """After an unanswered POST: is `pid` in ComfyUI's queue or history? Settle it if so."""
         running, pending = await self._queue_ids()
         history = await self._history_entry(pid)
+        saved: tuple[OutputFile, ...] = ()
         if pid not in running and pid not in pending and history is None:
-            return False
+            saved = await self._saved_outputs(pid)
+            if not saved:
+                return False
+            log.info("prompt %s: ComfyUI no longer knows it, but its pictures are saved", pid)
         track = self._tracks[pid]
         transition = reconcile(
-            track, running_ids=running, pending_ids=pending, history=history, now=clock.utc_now()
+            track,
+            running_ids=running,
+            pending_ids=pending,
+            history=history,
+            now=clock.utc_now(),
+            saved=saved,
         )
         self._tracks[pid] = transition.track
         return True
@@ -346,7 +362,9 @@ class ComfyUIController:
             history = None if prompt_id in running else await self._history_entry(prompt_id)
             self._apply(
                 prompt_id,
-                partial(_reconcile_now, running=running, pending=pending, history=history),
+                partial(
+                    _reconcile_now, running=running, pending=pending, history=history, saved=()
+                ),
             )
             if prompt_id not in running:
                 return self._tracks[prompt_id].record
@@ -493,6 +511,25 @@ class ComfyUIController:
                 f"ComfyUI answered {what} with {response.status_code}: {response.text[:200]}"
             )
 
+    async def _saved_outputs(self, pid: str) -> tuple[OutputFile, ...]:
+        """The files the prompt's SaveImage nodes wrote, found on disk through `/view`; empty
+        unless every node wrote its first file (or the prompt has no probes)."""
+        found: list[OutputFile] = []
+        for probe in self._probes.get(pid, ()):
+            counter = 1
+            while counter <= MAX_FILES_PER_NODE:
+                params = {"filename": probe.filename(counter), "subfolder": probe.subfolder,
+                          "type": "output"}  # fmt: skip
+                response = await self._request("GET", "/view", params=params)
+                if response.status_code != 200:
+                    break
+                found.append(OutputFile(probe.node_id, params["filename"], probe.subfolder,
+                                        "output"))  # fmt: skip
+                counter += 1
+            if counter == 1:
+                return ()
+        return tuple(found)
+
     async def _queue_ids(self) -> tuple[frozenset[str], frozenset[str]]:
         response = await self._request("GET", "/queue")
         self._raise_for_status(response, "GET /queue")
@@ -550,6 +587,7 @@ class ComfyUIController:
         finished = [pid for pid, t in self._tracks.items() if t.record.final]
         for pid in finished[: max(0, len(finished) - MAX_FINISHED_RECORDS)]:
             del self._tracks[pid]
+            self._probes.pop(pid, None)
 
     def _outstanding(self) -> list[str]:
         return [
@@ -707,13 +745,21 @@ class ComfyUIController:
         self._last_poll_ok = True
         settled = False
         for pid in candidates:
+            saved: tuple[OutputFile, ...] = ()
             if pid in running or pid in pending:
                 history = None
             else:
                 # Read after the queue: a prompt that finished between the reads is found here.
                 history = await self._history_entry(pid)
+                if history is None:
+                    # Gone from ComfyUI (it restarted): finished before that if its pictures
+                    # are on disk, else lost.
+                    saved = await self._saved_outputs(pid)
             transition = self._apply(
-                pid, partial(_reconcile_now, running=running, pending=pending, history=history)
+                pid,
+                partial(
+                    _reconcile_now, running=running, pending=pending, history=history, saved=saved
+                ),
             )
             settled = settled or (transition is not None and transition.event == "finished")
         return settled
@@ -725,9 +771,15 @@ def _reconcile_now(
     running: frozenset[str],
     pending: frozenset[str],
     history: Mapping[str, Any] | None,
+    saved: tuple[OutputFile, ...],
 ) -> Transition:
     return reconcile(
-        track, running_ids=running, pending_ids=pending, history=history, now=clock.utc_now()
+        track,
+        running_ids=running,
+        pending_ids=pending,
+        history=history,
+        now=clock.utc_now(),
+        saved=saved,
     )
 
 

@@ -470,14 +470,16 @@ def reconcile(
     pending_ids: Collection[str],
     history: Mapping[str, Any] | None,
     now: datetime,
+    saved: tuple[OutputFile, ...] = (),
 ) -> Transition:
     """Settle `track` against what ComfyUI reports after a gap.
 
     `history` is the prompt's `/history/{id}` entry (None when `{}`), and it must have been read
     *after* the queue: a prompt that finished between the two reads is then in the history, so
     "absent everywhere" really means ComfyUI lost it (it restarted), unless we asked to cancel it
-    before it started (we deleted it from the pending queue, which leaves no history).
-    A final record keeps its state.
+    before it started (we deleted it from the pending queue, which leaves no history), or it
+    finished before the restart: then its pictures are `saved` on disk (`comfyui_outputs`),
+    and they are its outputs. A final record keeps its state.
     """
     if history is not None and history_outcome(history) is not None:
         return apply_history(track, history, now)
@@ -493,6 +495,8 @@ def reconcile(
         return Transition(track)
     if track.cancel_requested and track.record.state == "pending":
         return Transition(_cancel_unstarted(track, now), "finished")
+    if saved:
+        return Transition(_succeed(track, now, saved), "finished")
     return Transition(_forget(track, now), "finished")
 
 

@@ -652,6 +652,34 @@ async def test_resubmitting_the_same_prompt_id_runs_it_once(
     assert desktop.comfyui.stats.prompts_run == 1
 
 
+async def test_a_prompt_both_the_agent_and_comfyui_forgot_is_found_by_its_pictures(
+    desktop: SimDesktop,
+) -> None:
+    """A prompt finishes; then the agent restarts and ComfyUI restarts, so neither remembers
+    it. Submitted again under its id, it is found by the pictures it saved (their names end
+    with its id) and reported as succeeded, not run a second time (a chaos day found this)."""
+    prompt_id = str(uuid.uuid4())
+    body = {"workflow": txt2img(seed=11), "prompt_id": prompt_id}
+    async with running_agent(agent_settings(), desktop) as agent, api_client(agent) as client:
+        response = await client.post("/v1/comfyui/prompts", json=body)
+        assert response.status_code == 202, response.text
+        first = await wait_prompt(client, prompt_id)
+    assert first["state"] == "succeeded", first
+    (saved,) = first["outputs"]
+    assert saved["filename"] == f"fox_{prompt_id}_00001_.png"
+    await desktop.restart_comfyui()
+
+    async with running_agent(agent_settings(), desktop) as agent, api_client(agent) as client:
+        response = await client.post("/v1/comfyui/prompts", json=body)
+        assert response.status_code == 202, response.text
+        again = response.json()
+        assert again["state"] == "succeeded", again
+        assert again["outputs"] == first["outputs"]
+        picture = await client.get(f"/v1/comfyui/prompts/{prompt_id}/outputs/0")
+        assert picture.content.startswith(PNG_SIGNATURE)
+    assert desktop.comfyui.stats.prompts_run == 1
+
+
 async def test_unknown_prompt_is_404(client: httpx.AsyncClient) -> None:
     missing = uuid.uuid4()
     assert_error(await client.get(f"/v1/comfyui/prompts/{missing}"), 404, "not_found")

@@ -390,9 +390,10 @@ def controller_tasks() -> list[str]:
     package = str(Path(StudioClient.__module__.replace(".", "/")).parent)
     names = []
     for task in asyncio.all_tasks():
-        code = getattr(task.get_coro(), "cr_code", None)
+        coro = task.get_coro()
+        code = getattr(coro, "cr_code", None)
         if code is not None and f"/{package}/" in code.co_filename:
-            names.append(task.get_coro().__qualname__)
+            names.append(code.co_name)
     return sorted(names)
 
 
