@@ -545,7 +545,10 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         errors=(400, 502, 503),
     ),
     ("GET", "/v1/comfyui/prompts/{prompt_id}"): RouteDoc(
-        "A prompt's state", response=PromptInfo, errors=(400, 404), params=(_PROMPT_ID_PARAM,)
+        "A prompt's state; one this agent process never saw is looked up in ComfyUI",
+        response=PromptInfo,
+        errors=(400, 404, 502, 503),
+        params=(_PROMPT_ID_PARAM,),
     ),
     ("DELETE", "/v1/comfyui/prompts/{prompt_id}"): RouteDoc(
         "Cancel a prompt",

@@ -2,10 +2,22 @@
 
 Each run is a whole stack on its own virtual-time loop: a quarter of a simulated hour with every
 kind of fault costs a few CPU seconds. The replays stop just after the moment their seed once
-broke an invariant; they must now pass it. The bugs seeds 0 and 2 found hours into the working
-day (a prompt run twice after a refused store write, or after an agent restart) would cost a
-minute of CPU each to replay; their tests in `tests/integration/test_system_faults.py` stage the
-same sequence of faults directly, and `make chaos` replays those seeds whole.
+broke an invariant; they must now pass it. The bugs found hours into the working day would cost
+a minute of CPU or more each to replay; their tests stage the same sequence of faults directly,
+and `make chaos` replays those seeds whole:
+
+- a prompt run twice after a refused store write, or after an agent restart (seeds 0 and 2):
+  `tests/integration/test_system_faults.py`;
+- a short image's footprint learned from snapshots that missed it, so the next one ran out of
+  memory (seed 9): `test_controller_scenarios.py`, `test_agent_api.py`;
+- the reconcile pass submitting a prompt whose dispatch was still unloading a model (seed 9):
+  `test_system_faults.py`;
+- a stream cut after its headers answered with a second status line (seed 2):
+  `test_system_faults.py`;
+- one task left behind by each controller crash (seeds 2 and 9):
+  `test_controller_restart.py`;
+- a finished prompt run again after the agent and ComfyUI both restarted (seed 7):
+  `test_agent_api.py`.
 """
 
 from __future__ import annotations
