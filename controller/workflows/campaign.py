@@ -8,38 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
-
-
-def text_to_image(*, seed: int = 1, steps: int = 20, text: str = "") -> dict[str, Any]:
-    """ComfyUI's default text-to-image graph (API format) for SDXL at 1024x1024; node "6"
-    holds the positive prompt."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CHECKPOINT}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "5": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": 1024, "height": 1024, "batch_size": 1},
-        },
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": seed,
-                "steps": steps,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ad"}},
-    }
+from gpu_common.workflows import SDXL, text_to_image
 
 
 def campaign_dag(*, seed: int = 1, steps: int = 20, product: str = "oat milk") -> dict[str, Any]:
@@ -73,7 +42,9 @@ def campaign_dag(*, seed: int = 1, steps: int = 20, product: str = "oat milk") -
                     "id": f"image_{v}",
                     "agent_name": "image",
                     "input_data": {
-                        "workflow": text_to_image(seed=seed + i, steps=steps),
+                        "workflow": text_to_image(
+                            SDXL, seed=seed + i, steps=steps, text="", prefix="ad"
+                        ),
                         "inputs": {"6.text": f"{{copy_{v}}}"},
                     },
                     "depends_on": [f"copy_{v}"],
