@@ -31,8 +31,8 @@ from controller.engine import Engine
 from controller.errors import AgentError, IdempotencyKeyReused
 from controller.image_inputs import FORM_SCHEMA, NewInput, digest_inputs, read_submission
 from controller.llm_fields import (
-    CONSTRAINT_HEADERS,
     check_constraint_types,
+    llm_route_doc,
     pop_constraints,
     positive_int,
     prompt_tokens,
@@ -523,8 +523,7 @@ _OUTPUT_INDEX_PARAM = Param(
     description="0 for the first output; an index the job does not have answers 404",
 )
 # An LLM route hands on the agent's answer, Ollama's own errors included; 503 with Retry-After
-# when nothing can serve the request within limits now.
-_OLLAMA_ERRORS = (400, 404, 500, 502, 503)
+# when nothing can serve the request within limits now (`llm_route_doc`).
 _STREAM_TYPES = ("application/x-ndjson", "application/json")
 
 ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
@@ -540,36 +539,24 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         content_type="text/plain",
         errors=(),
     ),
-    ("POST", "/api/generate"): RouteDoc(
+    ("POST", "/api/generate"): llm_route_doc(
         "Ollama generate; model may be auto, auto:fast or auto:quality",
-        request=OllamaGenerateRequest,
+        OllamaGenerateRequest,
         content_types=_STREAM_TYPES,
-        errors=_OLLAMA_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
     ),
-    ("POST", "/api/chat"): RouteDoc(
+    ("POST", "/api/chat"): llm_route_doc(
         "Ollama chat; model may be auto, auto:fast or auto:quality",
-        request=OllamaChatRequest,
+        OllamaChatRequest,
         content_types=_STREAM_TYPES,
-        errors=_OLLAMA_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
     ),
-    ("POST", "/api/embed"): RouteDoc(
+    ("POST", "/api/embed"): llm_route_doc(
         "Ollama embed: the vectors of `input` by the named model (no auto intent: an embedding "
         "request names its model)",
-        request=OllamaEmbedRequest,
-        errors=_OLLAMA_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
+        OllamaEmbedRequest,
     ),
-    ("POST", "/api/embeddings"): RouteDoc(
+    ("POST", "/api/embeddings"): llm_route_doc(
         "Ollama's older embeddings route: the vector of `prompt` by the named model",
-        request=OllamaEmbeddingsRequest,
-        errors=_OLLAMA_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
+        OllamaEmbeddingsRequest,
     ),
     ("GET", "/api/tags"): RouteDoc(
         "Ollama tags, with the auto intents first", response=OllamaModelList, errors=()

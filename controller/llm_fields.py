@@ -13,8 +13,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 from gpu_common.errors import BadRequest
-from gpu_common.openapi import Param
+from gpu_common.openapi import Param, RouteDoc
 
 # Our own request fields, stripped before the request goes on to Ollama.
 CONSTRAINTS = ("min_quality", "max_latency_s")
@@ -38,6 +40,24 @@ CONSTRAINT_HEADERS = (
         description="the longest acceptable answer time in seconds, when the body names none",
     ),
 )
+# Both families answer these statuses on a routed LLM request (a hold is a 503).
+LLM_ROUTE_ERRORS = (400, 404, 500, 502, 503)
+
+
+def llm_route_doc(
+    summary: str, request: type[BaseModel], *, content_types: tuple[str, ...] = ()
+) -> RouteDoc:
+    """The documentation of a route the controller places on a model: it reads the constraint
+    headers, and its hold (a 503) carries `Retry-After`. `content_types`: a streamed answer's
+    possible types."""
+    return RouteDoc(
+        summary,
+        request=request,
+        content_types=content_types,
+        errors=LLM_ROUTE_ERRORS,
+        params=CONSTRAINT_HEADERS,
+        retry_after=(503,),
+    )
 
 
 def check_constraint_types(body: Mapping[str, Any]) -> None:

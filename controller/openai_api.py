@@ -28,8 +28,8 @@ from controller.domain.types import LlmRequest, Task
 from controller.engine import Engine
 from controller.errors import AgentError
 from controller.llm_fields import (
-    CONSTRAINT_HEADERS,
     check_constraint_types,
+    llm_route_doc,
     pop_constraints,
     positive_int,
     prompt_tokens,
@@ -161,33 +161,23 @@ def add_openai_routes(router: web.UrlDispatcher, engine: Engine) -> None:
 
 # An OpenAI route hands on Ollama's answer, its errors included (in OpenAI's shape); 503 with
 # Retry-After when nothing can serve the request within limits now.
-_OPENAI_ERRORS = (400, 404, 500, 502, 503)
 _STREAM_TYPES = ("application/json", "text/event-stream")
 
 OPENAI_ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
-    ("POST", CHAT_PATH): RouteDoc(
+    ("POST", CHAT_PATH): llm_route_doc(
         "OpenAI chat completions, streamed as SSE or not; model may be auto, auto:fast or "
         "auto:quality",
-        request=OpenAIChatRequest,
+        OpenAIChatRequest,
         content_types=_STREAM_TYPES,
-        errors=_OPENAI_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
     ),
-    ("POST", COMPLETIONS_PATH): RouteDoc(
+    ("POST", COMPLETIONS_PATH): llm_route_doc(
         "OpenAI completions (a string prompt), streamed as SSE or not; model may be an intent",
-        request=OpenAICompletionRequest,
+        OpenAICompletionRequest,
         content_types=_STREAM_TYPES,
-        errors=_OPENAI_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
     ),
-    ("POST", EMBEDDINGS_PATH): RouteDoc(
+    ("POST", EMBEDDINGS_PATH): llm_route_doc(
         "OpenAI embeddings by the named model (no intent: an embedding request names its model)",
-        request=OpenAIEmbeddingRequest,
-        errors=_OPENAI_ERRORS,
-        params=CONSTRAINT_HEADERS,
-        retry_after=(503,),
+        OpenAIEmbeddingRequest,
     ),
     ("GET", "/v1/models"): RouteDoc(
         "The intents and every model the agents offer, in OpenAI's list shape",
