@@ -10,7 +10,6 @@ duration and deadline here is in simulated seconds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.chaos.proxy import LinkProxy
 from gpu_agent.daemon import RunningAgent, running_agent
 from gpu_agent.settings import AgentSettings
 from gpu_agent.sim.desktop import SimDesktop
@@ -547,7 +547,7 @@ async def test_a_prompt_that_ended_while_the_agent_restarted_is_not_run_again(
     try:
         url = await agent.start()
         async with (
-            LoopbackProxy(url) as proxy,
+            LinkProxy(url) as proxy,
             running_controller_on(proxy.url, tmp_path / "controller") as (controller, http),
         ):
             stack = Stack(desktop=desktop, agent=agent.running, controller=controller, http=http)
@@ -666,7 +666,7 @@ async def test_link_cut_holds_new_work_and_resumes_without_loss(
 ) -> None:
     async with (
         running_agent(agent_config(), desktop) as agent,
-        LoopbackProxy(agent.url) as proxy,
+        LinkProxy(agent.url) as proxy,
         running_controller_on(proxy.url, tmp_path / "controller", llm_wait_s=LLM_WAIT_S) as (
             controller,
             http,
@@ -718,7 +718,7 @@ async def test_a_link_cut_mid_stream_ends_the_stream_with_an_error_line(
     error line in Ollama's format, not with a second status line on the same connection."""
     async with (
         running_agent(agent_config(), desktop) as agent,
-        LoopbackProxy(agent.url) as proxy,
+        LinkProxy(agent.url) as proxy,
         running_controller_on(proxy.url, tmp_path / "controller", llm_wait_s=LLM_WAIT_S) as (
             controller,
             http,
@@ -750,83 +750,6 @@ async def again_ok(http: httpx.AsyncClient) -> bool:
         "/api/generate", json={"model": SMALL, "prompt": "hi", "stream": False}
     )
     return response.status_code == 200
-
-
-class LoopbackProxy:
-    """A TCP relay on loopback in front of `target_url` whose link can be cut and restored.
-
-    `cut()` closes the listening socket and every relayed connection, as a pulled cable seen
-    from both ends would; `restore()` listens on the same port again.
-    """
-
-    def __init__(self, target_url: str) -> None:
-        host_port = target_url.removeprefix("http://")
-        host, _, port = host_port.rpartition(":")
-        self._target = (host, int(port))
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> LoopbackProxy:
-        await self.restore()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.cut()
-
-    async def restore(self) -> None:
-        self._server = await asyncio.start_server(
-            self._relay, "127.0.0.1", self.port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if server is not None:
-            await server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(2.0):
-                up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except (OSError, TimeoutError):
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-        pumps = [
-            asyncio.create_task(_pump(reader, up_writer)),
-            asyncio.create_task(_pump(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
-        try:
-            await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            self._tasks.difference_update(pumps)
-            self._writers.difference_update((writer, up_writer))
-            writer.transport.abort()
-            up_writer.transport.abort()
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
 
 
 # -- stacks with settings of their own -------------------------------------------------------------
