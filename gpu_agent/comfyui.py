@@ -212,18 +212,13 @@ class ComfyUIController:
         track = self._tracks.get(prompt_id)
         if track is not None:
             return track.record
-        running, pending = await self._queue_ids()
-        history = await self._history_entry(prompt_id)
-        if prompt_id not in running and prompt_id not in pending and history is None:
+        known = await self._known_to_comfyui(prompt_id)
+        if known is None:
             return None
         if prompt_id in self._submitting or prompt_id in self._tracks:
             # A submit of the same id came while we looked; it settles the record.
             return await self.find(prompt_id)
-        track = new_track(prompt_id, submitted_at=clock.utc_now(), nodes_total=0)
-        transition = reconcile(
-            track, running_ids=running, pending_ids=pending, history=history, now=clock.utc_now()
-        )
-        self._tracks[prompt_id] = transition.track
+        self._tracks[prompt_id] = known
         return self._publish_submitted(prompt_id)
 
     def records(self) -> list[PromptRecord]:
@@ -307,16 +302,27 @@ class ComfyUIController:
         return self._publish_submitted(pid)
 
     async def _adopt_if_known(self, pid: str) -> bool:
-        """After an unanswered POST: is `pid` in ComfyUI's queue or history? Settle it if so."""
+        """After an unanswered POST: does ComfyUI know `pid`? Settle it if so."""
+        known = await self._known_to_comfyui(pid)
+        if known is None:
+            return False
+        self._tracks[pid] = known
+        return True
+
+    async def _known_to_comfyui(self, pid: str) -> PromptTrack | None:
+        """The prompt's track (a new one if none is kept) settled against ComfyUI's queue and
+        history, or against the pictures it saved (when it restarted since); None when ComfyUI
+        shows nothing of the prompt."""
         running, pending = await self._queue_ids()
         history = await self._history_entry(pid)
         saved: tuple[OutputFile, ...] = ()
         if pid not in running and pid not in pending and history is None:
             saved = await self._saved_outputs(pid)
             if not saved:
-                return False
+                return None
             log.info("prompt %s: ComfyUI no longer knows it, but its pictures are saved", pid)
-        track = self._tracks[pid]
+        # Read after the lookups: messages may have moved the kept track meanwhile.
+        track = self._tracks.get(pid) or new_track(pid, submitted_at=clock.utc_now(), nodes_total=0)
         transition = reconcile(
             track,
             running_ids=running,
@@ -325,8 +331,7 @@ class ComfyUIController:
             now=clock.utc_now(),
             saved=saved,
         )
-        self._tracks[pid] = transition.track
-        return True
+        return transition.track
 
     def _publish_submitted(self, pid: str) -> PromptRecord:
         """Make a just-queued prompt public and announce what has already happened to it."""
