@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 
 from controller.daemon import RunningController, running_controller
 from controller.engine import Engine
@@ -50,6 +51,8 @@ HTTP_TIMEOUT_S = 600.0
 READY_TIMEOUT_S = 30.0
 # How long the stack's LLM requests wait for room before a 503 (the production default is 30 s).
 LLM_WAIT_S = 30.0
+# The same wait on a stack whose tests expect that 503 soon, in simulated seconds.
+IMPATIENT_WAIT_S = 5.0
 # Default deadline of `Stack.wait_job`: a few SDXL images with their checkpoint load.
 JOB_TIMEOUT_S = 120.0
 # How often a test re-checks what it waits for (a job, the fleet): as often as a client would.
@@ -212,6 +215,11 @@ async def running_stack(
         running_controller_on(agent.url, data_dir, **overrides) as (controller, http),
     ):
         yield Stack(desktop=desktop, agent=agent, controller=controller, http=http)
+
+
+def ollama_client(stack: Stack) -> ollama.AsyncClient:
+    """The official Ollama client, pointed at the stack's controller with its token."""
+    return ollama.AsyncClient(host=stack.url, headers=AUTH, timeout=HTTP_TIMEOUT_S)
 
 
 async def ndjson_lines(response: httpx.Response) -> list[dict[str, Any]]:

@@ -24,14 +24,14 @@ from gpu_agent.sim.desktop import SimDesktop
 from gpu_agent.sim.workflows import blank_image
 from tests.integration.error_bodies import error_of
 from tests.integration.stack import (
-    AUTH,
     CONTROLLER_TOKEN,
-    HTTP_TIMEOUT_S,
+    IMPATIENT_WAIT_S,
     PNG_SIGNATURE,
     POLL_S,
     Stack,
     agent_settings,
     ndjson_lines,
+    ollama_client,
     running_controller_on,
     running_stack,
     sd15,
@@ -43,7 +43,6 @@ SMALL = "llama3.2:3b"
 MID = "qwen2.5:7b"
 AUTO = ("auto", "auto:fast", "auto:quality")
 # How long an impatient stack's LLM requests wait for room before a 503, in simulated seconds.
-IMPATIENT_WAIT_S = 5.0
 
 
 @pytest.fixture
@@ -61,15 +60,11 @@ async def impatient(desktop: SimDesktop, tmp_path: Path) -> AsyncIterator[Stack]
         yield running
 
 
-def client(stack: Stack) -> ollama.AsyncClient:
-    return ollama.AsyncClient(host=stack.url, headers=AUTH, timeout=HTTP_TIMEOUT_S)
-
-
 # -- 5: the official ollama client against the controller -------------------------------------
 
 
 async def test_ollama_client_lists_virtual_and_real_models(stack: Stack) -> None:
-    listed = await client(stack).list()
+    listed = await ollama_client(stack).list()
 
     names = [m.model for m in listed.models]
     assert names[:3] == list(AUTO)
@@ -83,7 +78,7 @@ async def test_ollama_client_lists_virtual_and_real_models(stack: Stack) -> None
 
 
 async def test_ollama_client_generate_and_chat(stack: Stack) -> None:
-    api = client(stack)
+    api = ollama_client(stack)
 
     answer = await api.generate(model=SMALL, prompt="say hi", options={"num_predict": 12})
     assert answer.model == SMALL
@@ -130,7 +125,7 @@ async def test_ollama_client_generate_and_chat(stack: Stack) -> None:
 
 
 async def test_ollama_client_ps_and_show(stack: Stack) -> None:
-    api = client(stack)
+    api = ollama_client(stack)
     await api.generate(model=SMALL, prompt="warm up", options={"num_predict": 4})
 
     running = await api.ps()
@@ -153,7 +148,7 @@ async def test_ollama_client_ps_and_show(stack: Stack) -> None:
 
 async def test_ollama_client_unknown_model_is_404(stack: Stack) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
-        await client(stack).generate(model="no-such-model:1b", prompt="hi")
+        await ollama_client(stack).generate(model="no-such-model:1b", prompt="hi")
     assert caught.value.status_code == 404
     assert "no-such-model:1b" in str(caught.value)
 

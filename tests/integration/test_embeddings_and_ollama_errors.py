@@ -21,14 +21,15 @@ from tests.integration.stack import (
     AGENT_TOKEN,
     AUTH,
     HTTP_TIMEOUT_S,
+    IMPATIENT_WAIT_S,
     Stack,
+    ollama_client,
     running_stack,
 )
 
 NOMIC = "nomic-embed-text:latest"
 BGE = "bge-m3:latest"
 SMALL = "llama3.2:3b"
-IMPATIENT_WAIT_S = 5.0
 
 
 @pytest.fixture
@@ -39,12 +40,8 @@ async def stack(desktop: SimDesktop, tmp_path: Path) -> AsyncIterator[Stack]:
         yield running
 
 
-def client(stack: Stack) -> ollama.AsyncClient:
-    return ollama.AsyncClient(host=stack.url, headers=AUTH, timeout=HTTP_TIMEOUT_S)
-
-
 async def test_embed_and_embeddings_through_the_controller(stack: Stack) -> None:
-    api = client(stack)
+    api = ollama_client(stack)
     answer = await api.embed(model="nomic-embed-text", input=["a cat", "a dog"])
     assert [len(v) for v in answer.embeddings] == [768, 768]
     assert all(abs(math.hypot(*v) - 1.0) < 1e-5 for v in answer.embeddings)
@@ -58,7 +55,7 @@ async def test_embed_and_embeddings_through_the_controller(stack: Stack) -> None
 
 
 async def test_embedding_models_take_their_memory_in_the_ledger(stack: Stack) -> None:
-    await client(stack).embed(model=BGE, input="warm up")
+    await ollama_client(stack).embed(model=BGE, input="warm up")
 
     (agent,) = (await stack.fleet())["agents"]
     resident = {m["name"]: m for m in agent["resident"]}
@@ -70,7 +67,7 @@ async def test_embedding_models_take_their_memory_in_the_ledger(stack: Stack) ->
     assert catalog[BGE]["resident_on"] == ["desk"]
     assert catalog[SMALL]["embedding"] is False
     # The chat intents never take an embedding model, even a resident one.
-    reply = await client(stack).chat(
+    reply = await ollama_client(stack).chat(
         model="auto:fast", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3}
     )
     assert reply.model == SMALL
@@ -78,7 +75,7 @@ async def test_embedding_models_take_their_memory_in_the_ledger(stack: Stack) ->
 
 async def test_the_embedding_model_is_named_not_chosen(stack: Stack) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
-        await client(stack).embed(model="auto:quality", input="a cat")
+        await ollama_client(stack).embed(model="auto:quality", input="a cat")
     assert caught.value.status_code == 400
     assert "must name its embedding model" in caught.value.error
 
@@ -95,7 +92,7 @@ async def test_errors_on_api_are_ollamas_shape(stack: Stack) -> None:
     assert unknown.json() == {"error": "unknown model 'no-such-model:1b'"}
     assert unknown.headers["X-GPU-Error"] == "not_found"
     with pytest.raises(ollama.ResponseError) as caught:
-        await client(stack).chat(model="no-such-model:1b", messages=[])
+        await ollama_client(stack).chat(model="no-such-model:1b", messages=[])
     assert caught.value.status_code == 404
     assert caught.value.error == "unknown model 'no-such-model:1b'"
 

@@ -19,6 +19,7 @@ from tests.integration.error_bodies import error_of
 from tests.integration.stack import (
     CONTROLLER_TOKEN,
     HTTP_TIMEOUT_S,
+    IMPATIENT_WAIT_S,
     Stack,
     running_stack,
     sdxl,
@@ -27,8 +28,6 @@ from tests.integration.stack import (
 SMALL = "llama3.2:3b"
 TOP = "qwen2.5:14b"
 NOMIC = "nomic-embed-text:latest"
-# How long a held request waits for room before its 503, in simulated seconds.
-IMPATIENT_WAIT_S = 5.0
 
 
 @pytest.fixture
