@@ -525,7 +525,8 @@ class ComfyUIController:
             while counter <= MAX_FILES_PER_NODE:
                 params = {"filename": probe.filename(counter), "subfolder": probe.subfolder,
                           "type": "output"}  # fmt: skip
-                response = await self._request("GET", "/view", params=params)
+                # HEAD: whether the file is there, without reading a picture of megabytes.
+                response = await self._request("HEAD", "/view", params=params)
                 if response.status_code != 200:
                     break
                 found.append(OutputFile(probe.node_id, params["filename"], probe.subfolder,

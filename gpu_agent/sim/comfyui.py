@@ -282,6 +282,9 @@ class ComfyUIEmulator:
             ("GET", "/history/{prompt_id}", self._get_history_item),
             ("POST", "/history", self._post_history),
             ("GET", "/view", self._view),
+            # ComfyUI declares its routes with aiohttp's `RouteTableDef.get`, which answers
+            # HEAD too.
+            ("HEAD", "/view", self._view),
             ("POST", "/upload/image", self._upload_image),
             ("POST", "/upload/mask", self._upload_mask),
             ("POST", "/interrupt", self._post_interrupt),
